@@ -1,0 +1,72 @@
+"""pytest hooks for kdforge benchmarks: the results table at session end, the JSON dump, shared fixtures.
+
+Run: ``python -m pytest benchmarks -q`` (quick sizes on a CPU or with KDFORGE_BENCH_QUICK=1; goal sizes on a GPU).
+``--kdforge-json PATH`` (or KDFORGE_BENCH_JSON=PATH) writes every record with the device name, versions and date;
+``--kdforge-json auto`` picks benchmarks/results/bench-<device>-<date>.json, and a bare file name lands in
+benchmarks/results/. See benchmarks/harness.py for how a benchmark file records its measurements.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Benchmark files import `benchmarks.harness`; the repository root must be importable for that, and every file
+# (this one included) must use that one module name so they all share one RECORDS table.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from benchmarks import harness  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kdforge", "kdforge benchmarks")
+    group.addoption(
+        "--kdforge-json",
+        action="store",
+        default=None,
+        metavar="PATH",
+        help="write every benchmark record (with device, versions, date) to PATH; 'auto' picks a name under "
+        f"benchmarks/results/. Also settable with {harness.JSON_ENV}.",
+    )
+
+
+@pytest.fixture(scope="session")
+def bench_device():
+    """The device benchmarks run on (CUDA where present, else CPU)."""
+    return harness.bench_device()
+
+
+@pytest.fixture(scope="session")
+def quick(bench_device) -> bool:
+    """True when benchmarks use their small sizes (CPU, or KDFORGE_BENCH_QUICK=1)."""
+    return harness.is_quick(bench_device)
+
+
+@pytest.fixture(scope="session")
+def copy_anchor(bench_device) -> harness.Record:
+    """Copy bandwidth of the benchmark device, measured once; records with bytes_moved report a fraction of it."""
+    return harness.copy_bandwidth(bench_device)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ARG001 - pytest hook signature
+    # Before pytest-benchmark saves its own JSON: late-resolved anchors must reach every extra_info.
+    harness.finalize()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001 - pytest hook signature
+    records = harness.finalize()
+    if not records:
+        return
+    terminalreporter.section("kdforge benchmarks")
+    terminalreporter.write_line(f"device: {harness.device_name()}  quick={harness.is_quick()}")
+    terminalreporter.write_line(harness.format_table(records))
+    target = config.getoption("--kdforge-json", default=None) or os.environ.get(harness.JSON_ENV)
+    if target:
+        path = harness.write_json(harness.resolve_json_path(target), records)
+        terminalreporter.write_line(f"kdforge benchmark records written to {path}")

@@ -1,0 +1,428 @@
+"""Shared timing harness for kdforge's kernel microbenchmarks (pytest-benchmark).
+
+Every benchmark file under benchmarks/ times its callables through :func:`measure`, so that all of them warm up,
+synchronise the device before reading a clock (CUDA events on GPU), report the median, and state the bytes moved
+and FLOPs next to the time. ``benchmarks/conftest.py`` prints one table of every record at the end of the session
+and, when asked (``--kdforge-json PATH`` or ``KDFORGE_BENCH_JSON=PATH``), writes them to JSON with the device name,
+the torch/triton versions and the date.
+
+How another benchmark file uses it::
+
+    import torch
+    from benchmarks.harness import measure, pick, bench_device
+
+    def test_my_op(benchmark, copy_anchor):          # both fixtures come from benchmarks/conftest.py
+        device = bench_device()
+        n = pick(quick=4096, full=64 * 1024 * 1024)   # small sizes in quick mode (CPU, or KDFORGE_BENCH_QUICK=1)
+        x = torch.randn(n, device=device)
+        measure(
+            benchmark,
+            lambda: my_op(x),
+            device=device,
+            label="my_op/fp32/n=%d" % n,            # unique name of this record in the table and the JSON
+            group="my_op",                           # records of one group are compared with each other
+            bytes_moved=2 * x.numel() * x.element_size(),   # what the op must read + write at least
+            flops=None,                              # or the arithmetic it must do
+            anchor="torch_op/fp32/n=%d" % n,         # another record of this run: speedup = anchor / this
+        )
+
+``measure`` returns a :class:`Record`; ``benchmark.extra_info`` receives the same numbers (median_s, GB/s,
+TFLOP/s, fraction of the copy bandwidth, speedup over the anchor) so ``--benchmark-json`` carries them too.
+Anchors are resolved at the end of the session, so the order in which tests run does not matter.
+
+Quick mode (:func:`is_quick`): on by default where no CUDA device is present, or with ``KDFORGE_BENCH_QUICK=1``;
+benchmark files then pick tiny sizes so CI exercises the harness in seconds. ``KDFORGE_BENCH_QUICK=0`` on a GPU
+machine forces the goal sizes.
+
+The copy-bandwidth anchor (:func:`copy_bandwidth`, fixture ``copy_anchor``) times a plain ``dst.copy_(src)`` on the
+benchmark device; records with ``bytes_moved`` report ``frac_copy_bw`` = their GB/s over that figure, the practical
+ceiling of a memory-bound kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+QUICK_ENV = "KDFORGE_BENCH_QUICK"
+JSON_ENV = "KDFORGE_BENCH_JSON"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device and mode
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bench_device() -> torch.device:
+    """The device benchmarks run on: the current CUDA device where one is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def is_quick(device: torch.device | None = None) -> bool:
+    """True for small sizes: ``KDFORGE_BENCH_QUICK=1``, or no CUDA device (unless ``KDFORGE_BENCH_QUICK=0``)."""
+    env = os.environ.get(QUICK_ENV)
+    if env is not None and env.strip() != "":
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    device = device if device is not None else bench_device()
+    return device.type != "cuda"
+
+
+def pick(quick: Any, full: Any, device: torch.device | None = None) -> Any:
+    """``quick`` in quick mode, ``full`` otherwise (sizes, parameter lists, repetitions)."""
+    return quick if is_quick(device) else full
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for all queued work on ``device`` (no-op on the CPU)."""
+    device = torch.device(device) if device is not None else bench_device()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device | None = None) -> str:
+    device = device if device is not None else bench_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-call times of one callable, in seconds."""
+
+    times_s: list[float]
+    method: str  # "cuda-events" or "perf_counter"
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    device: torch.device | None = None,
+    warmup: int = 3,
+    reps: int = 20,
+    max_time_s: float | None = None,
+) -> Timing:
+    """Time ``fn()`` ``reps`` times after ``warmup`` untimed calls.
+
+    On CUDA each call is bracketed by CUDA events (device time, free of Python launch jitter between calls);
+    elsewhere the clock is read after a synchronise. ``max_time_s`` stops early (after at least 3 timed calls)
+    so a slow configuration does not hold the session.
+    """
+    device = device if device is not None else bench_device()
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    if device.type == "cuda":
+        pairs = []
+        for i in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            pairs.append((start, end))
+            if max_time_s is not None and i >= 2 and time.perf_counter() - started > max_time_s:
+                break
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) / 1e3 for s, e in pairs]
+        return Timing(times, "cuda-events")
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if max_time_s is not None and i >= 2 and time.perf_counter() - started > max_time_s:
+            break
+    return Timing(times, "perf_counter")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# records
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Record:
+    """One measured callable: time, work, and derived rates."""
+
+    label: str
+    group: str
+    nodeid: str
+    device: str
+    median_s: float
+    timing_method: str
+    reps: int
+    bytes_moved: float | None = None
+    flops: float | None = None
+    anchor: str | None = None
+    speedup_vs_anchor: float | None = None
+    frac_copy_bw: float | None = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float | None:
+        if self.bytes_moved is None or self.median_s <= 0:
+            return None
+        return self.bytes_moved / self.median_s / 1e9
+
+    @property
+    def tflops(self) -> float | None:
+        if self.flops is None or self.median_s <= 0:
+            return None
+        return self.flops / self.median_s / 1e12
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["gbps"] = self.gbps
+        out["tflops"] = self.tflops
+        return out
+
+
+# Every record of this process, by label, in the order measured. conftest.py prints and writes them.
+RECORDS: dict[str, Record] = {}
+# Copy bandwidth per device string, measured once per session.
+_COPY_BW: dict[str, Record] = {}
+
+
+def _resolve(record: Record) -> None:
+    """Fill the anchor ratio and the copy-bandwidth fraction where their inputs are known."""
+    if record.anchor is not None and record.anchor in RECORDS:
+        base = RECORDS[record.anchor].median_s
+        record.speedup_vs_anchor = base / record.median_s if record.median_s > 0 else None
+    copy = _COPY_BW.get(record.device)
+    if copy is not None and record.gbps is not None and copy.gbps:
+        record.frac_copy_bw = record.gbps / copy.gbps
+
+
+# pytest-benchmark's extra_info dict of each record, re-filled at the end when late anchors resolve.
+_EXTRA_INFO: dict[str, dict[str, Any]] = {}
+
+
+def _publish(benchmark: Any, record: Record) -> None:
+    if benchmark is not None:
+        _EXTRA_INFO[record.label] = benchmark.extra_info
+    info = _EXTRA_INFO.get(record.label)
+    if info is None:
+        return
+    info.update(
+        label=record.label,
+        median_s=record.median_s,
+        timing_method=record.timing_method,
+        bytes_moved=record.bytes_moved,
+        flops=record.flops,
+        gbps=record.gbps,
+        tflops=record.tflops,
+        anchor=record.anchor,
+        speedup_vs_anchor=record.speedup_vs_anchor,
+        frac_copy_bw=record.frac_copy_bw,
+    )
+    info.update({f"param_{k}": v for k, v in record.params.items()})
+
+
+def finalize() -> list[Record]:
+    """Resolve every anchor ratio (anchors may be measured after the records that name them); return the records."""
+    for record in RECORDS.values():
+        _resolve(record)
+        _publish(None, record)
+    return list(RECORDS.values())
+
+
+def measure(
+    benchmark: Any,
+    fn: Callable[[], Any],
+    *,
+    label: str,
+    group: str | None = None,
+    device: torch.device | None = None,
+    bytes_moved: float | None = None,
+    flops: float | None = None,
+    anchor: str | None = None,
+    warmup: int | None = None,
+    rounds: int | None = None,
+    params: dict[str, Any] | None = None,
+) -> Record:
+    """Time ``fn`` with pytest-benchmark and the harness; record and return the result.
+
+    ``benchmark`` is pytest-benchmark's fixture (or None to time without it). The callable runs ``warmup`` times
+    untimed, then ``rounds`` times; pytest-benchmark times a wrapper that synchronises the device after each call,
+    and on CUDA a second pass with CUDA events gives the figure the harness reports (device time). ``label`` must be
+    unique in the session; ``anchor`` names another record to compare with (speedup = anchor median / this median).
+    """
+    device = device if device is not None else bench_device()
+    quick = is_quick(device)
+    warmup = warmup if warmup is not None else (1 if quick else 5)
+    rounds = rounds if rounds is not None else (3 if quick else 20)
+    if label in RECORDS:
+        raise ValueError(f"benchmark label {label!r} is recorded twice; labels must be unique per session")
+    if benchmark is not None:
+        benchmark.group = group or benchmark.group
+
+    def synced() -> Any:
+        out = fn()
+        synchronize(device)
+        return out
+
+    timing: Timing | None = None
+    if benchmark is not None:
+        benchmark.pedantic(synced, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        stats = getattr(benchmark, "stats", None)
+        inner = getattr(stats, "stats", None)
+        if inner is not None and getattr(inner, "data", None) and device.type != "cuda":
+            timing = Timing(list(inner.data), "perf_counter")
+    if timing is None:
+        # CUDA (device-event timing), or pytest-benchmark disabled (--benchmark-disable) / absent.
+        timing = time_callable(fn, device=device, warmup=warmup if benchmark is None else 1, reps=rounds)
+
+    record = Record(
+        label=label,
+        group=group or (getattr(benchmark, "group", None) or "default"),
+        nodeid=getattr(benchmark, "fullname", "") or "",
+        device=str(device),
+        median_s=timing.median_s,
+        timing_method=timing.method,
+        reps=len(timing.times_s),
+        bytes_moved=bytes_moved,
+        flops=flops,
+        anchor=anchor,
+        params=dict(params or {}),
+    )
+    RECORDS[label] = record
+    _resolve(record)
+    # Records measured earlier that name this one as their anchor can now be resolved too.
+    for other in RECORDS.values():
+        if other.anchor == label:
+            _resolve(other)
+    _publish(benchmark, record)
+    return record
+
+
+def copy_bandwidth(device: torch.device | None = None, nbytes: int | None = None) -> Record:
+    """Measure (once per device and session) the bandwidth of a plain ``dst.copy_(src)``.
+
+    Bytes moved count the read and the write (2 * nbytes). Default size: 1 GiB on CUDA (well past L2), 64 MiB
+    in quick mode or on the CPU.
+    """
+    device = device if device is not None else bench_device()
+    key = str(device)
+    if key in _COPY_BW:
+        return _COPY_BW[key]
+    if nbytes is None:
+        nbytes = (64 << 20) if is_quick(device) else (1 << 30)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timing = time_callable(lambda: dst.copy_(src), device=device, warmup=3, reps=pick(5, 30, device))
+    record = Record(
+        label=f"anchor/copy/{nbytes >> 20}MiB",
+        group="anchor",
+        nodeid="",
+        device=key,
+        median_s=timing.median_s,
+        timing_method=timing.method,
+        reps=len(timing.times_s),
+        bytes_moved=2.0 * src.numel() * src.element_size(),
+    )
+    record.frac_copy_bw = 1.0
+    _COPY_BW[key] = record
+    RECORDS.setdefault(record.label, record)
+    for other in RECORDS.values():
+        _resolve(other)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
+        return "-"
+    return format(value, spec)
+
+
+def format_table(records: list[Record]) -> str:
+    """A fixed-width table of records, grouped, one line each."""
+    header = ("group", "label", "median", "GB/s", "TFLOP/s", "%copyBW", "speedup", "vs anchor")
+    rows = []
+    for r in sorted(records, key=lambda r: (r.group, r.label)):
+        med = r.median_s
+        med_s = f"{med * 1e6:.1f}us" if med < 1e-3 else (f"{med * 1e3:.2f}ms" if med < 1 else f"{med:.3f}s")
+        rows.append(
+            (
+                r.group,
+                r.label,
+                med_s,
+                _fmt(r.gbps, ".1f"),
+                _fmt(r.tflops, ".2f"),
+                _fmt(None if r.frac_copy_bw is None else 100 * r.frac_copy_bw, ".0f"),
+                _fmt(r.speedup_vs_anchor, ".2f") + ("x" if r.speedup_vs_anchor is not None else ""),
+                r.anchor or "",
+            )
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def environment_info() -> dict[str, Any]:
+    """Device name, library versions and date for the JSON header."""
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(),
+        "quick": is_quick(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "host_cpu_count": os.cpu_count(),
+    }
+    try:  # triton is optional (absent or broken on some CPU machines)
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001 - any import failure only means "not reported"
+        info["triton"] = f"unavailable ({type(exc).__name__})"
+    return info
+
+
+def resolve_json_path(value: str) -> Path:
+    """``auto`` -> benchmarks/results/bench-<device>-<date>.json; a bare file name lands in benchmarks/results/."""
+    if value == "auto":
+        slug = "".join(c if c.isalnum() else "-" for c in device_name().split("(")[0].strip().lower()).strip("-")
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return RESULTS_DIR / f"bench-{slug}-{stamp}.json"
+    path = Path(value)
+    if not path.is_absolute() and path.parent == Path("."):
+        return RESULTS_DIR / path
+    return path
+
+
+def write_json(path: Path, records: list[Record]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": environment_info(), "records": [r.as_dict() for r in records]}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
