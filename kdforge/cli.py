@@ -1,0 +1,118 @@
+"""``kdforge`` command line: train, plugins, info.
+
+Every user error (bad recipe, missing data, mismatched shapes) prints one message and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kdforge.errors import KdforgeError
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe TOML file, e.g. plugins/proteus.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.epochs=3 (repeatable; value read as TOML)")
+    p.add_argument("--profile", help="apply the recipe's [profiles.NAME] overlay, e.g. smoke")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--output-dir", help="run directory (default: run.output_dir or runs/<run.name>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdforge", description="Distil vision foundation models into small students.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run a distillation recipe")
+    _add_recipe_args(train)
+    train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                       help="continue from CHECKPOINT (default: <output-dir>/last.pt)")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    plugins = sub.add_parser("plugins", help="list every registered component with its kind and origin")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("info", help="versions, devices and which op backends are available here (and why not)")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from kdforge.recipe import dump_toml, load_recipe
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides, profile=args.profile)
+    if args.dry_run:
+        sys.stdout.write(dump_toml(recipe))
+        return 0
+    run_dir = Path(args.output_dir or recipe.run.output_dir or Path("runs") / recipe.run.name)
+    if args.resume is None and (run_dir / "last.pt").exists():
+        raise KdforgeError(f"'{run_dir}' already holds a run (last.pt): add --resume to continue it, "
+                           "or pick another --output-dir")
+
+    from kdforge.engine.trainer import Preempted, Trainer
+
+    trainer = Trainer(recipe, run_dir, resume=args.resume, show_progress=not args.no_progress)
+    try:
+        summary = trainer.fit()
+    except Preempted as exc:
+        print(f"kdforge: {exc}; continue with: kdforge train {args.recipe} --resume --output-dir {run_dir}",
+              file=sys.stderr)
+        return 0
+    finally:
+        trainer.close()
+    if trainer.dist.is_main:
+        shown = {k: v for k, v in summary.items() if k not in ("skipped_files", "final_metrics")}
+        print(json.dumps(shown, indent=2))
+        print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, tb/, last.pt)")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from kdforge.plugins import get_registry
+
+    registry = get_registry()
+    rows = [(c.kind, c.name, c.origin) for c in registry.components()]
+    if args.json:
+        print(json.dumps([{"kind": k, "name": n, "origin": o} for k, n, o in rows], indent=2))
+    else:
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        for kind, name, origin in rows:
+            print(f"{kind:<{w0}}  {name:<{w1}}  {origin}")
+    for f in registry.failed:
+        print(f"FAILED plugin '{f.name}' from {f.distribution}: {f.error}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import kdforge
+
+    print(f"kdforge {kdforge.__version__}, torch {torch.__version__} (CUDA build {torch.version.cuda}), "
+          f"python {sys.version.split()[0]}")
+    print(f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}")
+    from kdforge.ops import available_backends
+
+    print("op backends (ok, or why not):")
+    for op, backends in available_backends().items():
+        for backend, why in backends.items():
+            print(f"  {op:<16} {backend:<10} {'ok' if why is None else why}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except KdforgeError as exc:
+        print(f"kdforge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kdforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

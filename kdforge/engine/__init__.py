@@ -1,0 +1,1 @@
+"""Training engine: trainer, checkpoints, metric loggers, distributed set-up."""

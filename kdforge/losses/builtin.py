@@ -1,0 +1,127 @@
+"""Built-in losses: Proteus' token / feature / patch objectives (papers/000 sec. 3.2) and FD's whitened
+feature-map loss (papers/004 eq. 1). The patch-level math runs in :func:`kdforge.ops.whitened_loss`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kdforge.losses import DistillLoss
+from kdforge.ops import masked_gather, whitened_loss
+from kdforge.plugins import hookimpl
+from kdforge.students import ProjectionHead
+
+Backend = Literal["auto", "reference", "triton", "ext"]
+
+
+class ProteusTokenLoss(DistillLoss):
+    """MSE between the projected student CLS token and the teacher's CLS token."""
+
+    name = "proteus.token"
+
+    @dataclasses.dataclass
+    class Config:
+        backend: Backend = "auto"
+        """Kernel backend of kdforge.ops.whitened_loss."""
+
+    def __init__(self, cfg, *, student_dim, teacher_dim):
+        super().__init__(cfg, student_dim=student_dim, teacher_dim=teacher_dim)
+        self.head = ProjectionHead(student_dim, teacher_dim)
+
+    def forward(self, student_out, teacher_out, batch):
+        pred = self.head(student_out.cls)
+        loss = whitened_loss(pred, teacher_out.cls, loss="mse", whiten=False, backend=self.cfg.backend)
+        return loss, {}
+
+
+class ProteusFeatureLoss(DistillLoss):
+    """MSE between every projected student patch token and the teacher's patch token at the same position."""
+
+    name = "proteus.feature"
+    needs_patches = True
+
+    @dataclasses.dataclass
+    class Config:
+        whiten: bool = False
+        """Normalise teacher tokens by a LayerNorm without affine first (FD-style targets)."""
+        backend: Backend = "auto"
+        """Kernel backend of kdforge.ops.whitened_loss."""
+
+    def __init__(self, cfg, *, student_dim, teacher_dim):
+        super().__init__(cfg, student_dim=student_dim, teacher_dim=teacher_dim)
+        self.head = ProjectionHead(student_dim, teacher_dim)
+
+    def forward(self, student_out, teacher_out, batch):
+        pred = self.head(student_out.patches)
+        loss = whitened_loss(pred, teacher_out.patches, loss="mse", whiten=self.cfg.whiten, backend=self.cfg.backend)
+        return loss, {}
+
+
+class ProteusPatchLoss(DistillLoss):
+    """MSE on the masked positions: the student sees the masked view, the targets are the teacher's tokens of the
+    unmasked view at those positions (iBOT-style masked patch prediction)."""
+
+    name = "proteus.patch"
+    needs_patches = True
+    needs_mask = True
+
+    @dataclasses.dataclass
+    class Config:
+        whiten: bool = False
+        """Normalise teacher tokens by a LayerNorm without affine first."""
+        backend: Backend = "auto"
+        """Kernel backend of kdforge.ops.whitened_loss and masked_gather."""
+
+    def __init__(self, cfg, *, student_dim, teacher_dim):
+        super().__init__(cfg, student_dim=student_dim, teacher_dim=teacher_dim)
+        self.head = ProjectionHead(student_dim, teacher_dim)
+
+    def forward(self, student_out, teacher_out, batch):
+        mask = batch["mask"]
+        # Project only the masked rows: the head's cost then scales with the mask ratio.
+        rows = masked_gather(student_out.patches, mask, backend=self.cfg.backend)
+        target = masked_gather(teacher_out.patches, mask, backend=self.cfg.backend)
+        pred = self.head(rows)
+        if pred.shape[0] == 0:
+            # No image of this batch was masked: a zero that keeps the head in the graph (DDP needs every
+            # parameter to take part in each step's backward).
+            return pred.sum() * 0.0, {"masked_patches": 0.0}
+        loss = whitened_loss(pred, target, loss="mse", whiten=self.cfg.whiten, backend=self.cfg.backend)
+        return loss, {"masked_patches": float(pred.shape[0])}
+
+
+class FDFeatureLoss(DistillLoss):
+    """Feature Distillation (papers/004): smooth-L1 (beta 2) between a 1x1 projection of the student's feature map
+    and the teacher's feature map whitened by a LayerNorm without affine."""
+
+    name = "fd.feature"
+    needs_patches = True
+
+    @dataclasses.dataclass
+    class Config:
+        beta: float = 2.0
+        """Smooth-L1 beta (FD's released code uses 2.0)."""
+        eps: float = 1e-5
+        """LayerNorm epsilon of the whitening (torch's default)."""
+        backend: Backend = "auto"
+        """Kernel backend of kdforge.ops.whitened_loss."""
+
+    def __init__(self, cfg, *, student_dim, teacher_dim):
+        super().__init__(cfg, student_dim=student_dim, teacher_dim=teacher_dim)
+        self.head = nn.Linear(student_dim, teacher_dim)  # the 1x1 convolution over the token map
+
+    def forward(self, student_out, teacher_out, batch):
+        pred = self.head(student_out.patches)
+        loss = whitened_loss(
+            pred, teacher_out.patches, loss="smooth_l1", beta=self.cfg.beta, whiten=True, eps=self.cfg.eps,
+            backend=self.cfg.backend,
+        )
+        return loss, {}
+
+
+@hookimpl
+def kdforge_register_losses():
+    return [ProteusTokenLoss, ProteusFeatureLoss, ProteusPatchLoss, FDFeatureLoss]
