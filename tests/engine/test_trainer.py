@@ -1,0 +1,150 @@
+"""The engine end to end on a seconds-long recipe: exact resume after a kill, SIGTERM, NaN, DDP, atomic saves."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdforge.engine import checkpoint as ckpt
+from kdforge.engine.trainer import Trainer, cosine_lr
+from kdforge.errors import TrainingDiverged
+from kdforge.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "recipes" / "tiny.toml"
+CRASH = Path(__file__).resolve().parent / "crash"
+
+
+def run_cli(*args, env_extra=None, check=True):
+    env = {**os.environ, **(env_extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(CRASH), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "train", str(TINY), "--no-progress", *map(str, args)],
+                         capture_output=True, text=True, env=env)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load(run_dir / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), f"{k} differs"
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    run_cli("--output-dir", out)
+    return out
+
+
+def test_uninterrupted_run_writes_summary_metrics_and_tensorboard(uninterrupted):
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["steps"] == 18 and summary["epochs"] == 3
+    assert set(summary["final_metrics"]) >= {"loss", "lr", "loss/token", "loss/feature", "loss/patch", "grad_norm"}
+    rows = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 19))
+    assert any(p.name.startswith("events.out.tfevents") for p in (uninterrupted / "tb").iterdir())
+    assert (uninterrupted / "recipe.toml").is_file()
+
+
+def test_kill_mid_checkpoint_then_resume_gives_identical_weights(uninterrupted, tmp_path):
+    res = run_cli("--output-dir", tmp_path, env_extra={"KDFORGE_TEST_KILL_IN_SAVE": "2"}, check=False)
+    assert res.returncode == -signal.SIGKILL
+    state = ckpt.load(tmp_path / "last.pt")  # the first checkpoint survived the half-written second one
+    assert state["step"] == 4
+    res = run_cli("--output-dir", tmp_path, "--resume")
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 18
+    assert_same_weights(weights(tmp_path), weights(uninterrupted))
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(uninterrupted, tmp_path):
+    res = run_cli("--output-dir", tmp_path, env_extra={"KDFORGE_TEST_SIGTERM_AT_STEP": "7"})
+    assert "SIGTERM at step 7" in res.stderr and "--resume" in res.stderr
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 7
+    assert not (tmp_path / "summary.json").exists()
+    run_cli("--output-dir", tmp_path, "--resume")
+    assert_same_weights(weights(tmp_path), weights(uninterrupted))
+
+
+def test_existing_run_without_resume_is_refused(uninterrupted):
+    res = run_cli("--output-dir", uninterrupted, check=False)
+    assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_nan_loss_stops_with_step_and_terms_and_keeps_checkpoint(tmp_path, monkeypatch):
+    recipe = load_recipe(TINY, overrides=["train.checkpoint_every=2", "eval.before=false"])
+    trainer = Trainer(recipe, tmp_path, show_progress=False)
+    token = trainer.model.losses["token"]
+    original = token.forward
+
+    def poisoned(s, t, batch):
+        loss, m = original(s, t, batch)
+        return (loss * float("nan") if trainer.step >= 4 else loss), m
+
+    monkeypatch.setattr(token, "forward", poisoned)
+    with pytest.raises(TrainingDiverged) as exc:
+        trainer.fit()
+    msg = str(exc.value)
+    assert "at step 5" in msg and "token=nan" in msg and "feature=" in msg and "last.pt" in msg
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 4
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "last.pt"
+    ckpt.atomic_save({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.atomic_save({"step": 2, "x": Unpicklable()}, path)
+    assert ckpt.load(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_cosine_schedule_shape():
+    lrs = [cosine_lr(s, 100, 10, 1.0, 0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_lr_scales_with_global_batch():
+    r = load_recipe(TINY, overrides=["train.accum_steps=2"])
+    t = Trainer(r, "unused", show_progress=False)
+    assert t.global_batch == 16 and t.peak_lr == pytest.approx(1e-3 * 16 / 512)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and 4 images each == 1 process with 8: the same weights."""
+    common = ["--set", "masker={}", "--set", "losses={token = {plugin = 'proteus.token'}, "
+              "feature = {plugin = 'proteus.feature'}}", "--set", "student.drop_path_rate=0.0",
+              "--set", "train.epochs=1", "--no-progress"]
+    single = tmp_path / "single"
+    run_cli("--output-dir", single, *common)
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "kdforge.cli", "train", str(TINY), "--output-dir", str(ddp), *common, "--set", "train.batch_size=4"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["global_batch"] == 8 and summary["steps"] == 6
+    assert_same_weights(weights(ddp), weights(single), exact=False)
