@@ -1,0 +1,31 @@
+"""Helpers shared by the Triton kernel modules (host side only)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Fixed when the kernel modules are imported, exactly like @triton.jit decides interpreted vs compiled.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(max(int(n), 1)))
+
+
+def dot_precision(*tensors: torch.Tensor) -> str:
+    """tl.dot input precision: exact IEEE fp32 for fp32 inputs (no silent TF32), native for fp16/bf16."""
+    return "ieee" if any(t.dtype in (torch.float32, torch.float64) for t in tensors) else "tf32"
+
+
+def autotuned(jit_fn, configs, key, **kwargs):
+    """An autotuned version of ``jit_fn`` for compiled runs; the plain kernel under the interpreter.
+
+    The interpreter would time every config at CPU speed; it runs the kernel with the launcher's default meta
+    parameters instead (the arithmetic is the same in every config).
+    """
+    if INTERPRET:
+        return None
+    return triton.autotune(configs=configs, key=key, **kwargs)(jit_fn)
