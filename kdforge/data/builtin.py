@@ -1,0 +1,14 @@
+"""The built-in data sources, registered through the same hook as third-party ones."""
+
+from __future__ import annotations
+
+from kdforge.data.embedded import DigitsSource, SingleImageSource
+from kdforge.data.image_folder import ImageFolderSource
+from kdforge.data.procedural import ProceduralSource
+from kdforge.data.shards import WebDatasetSource
+from kdforge.plugins import hookimpl
+
+
+@hookimpl
+def kdforge_register_data_sources() -> list[type]:
+    return [ImageFolderSource, WebDatasetSource, ProceduralSource, DigitsSource, SingleImageSource]

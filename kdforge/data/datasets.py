@@ -1,0 +1,86 @@
+"""Dataset classes shared by the built-in sources: in-memory image tensors and image files on disk."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+from kdforge.data import Skipped
+from kdforge.data.transforms import as_float_image
+
+__all__ = ["FileImageDataset", "TensorImageDataset", "apply_transform", "mix_seed", "read_image"]
+
+Transform = Callable[[Any], torch.Tensor] | None
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit generator seed from integers, stable across processes and Python versions (unlike ``hash``)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = ((h ^ (p & 0xFFFF_FFFF_FFFF_FFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+        h ^= h >> 31
+    return h & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def apply_transform(transform: Transform, image: Any) -> torch.Tensor:
+    """``transform(image)`` as float32 ``Tensor[3, H, W]`` in [0, 1] (no transform: the image converted as is)."""
+    out = transform(image) if transform is not None else image
+    return as_float_image(out)
+
+
+def read_image(path: str | os.PathLike):
+    """Decode an image file as an RGB PIL image, or return :class:`Skipped` with the reason it failed.
+
+    Every decoder error counts as a bad file (truncated JPEG, random bytes, empty file, CMYK oddities,
+    decompression bombs, permission denied): on a large data set a few are normal and must not stop a run;
+    :class:`kdforge.data.skips.SkipCounter` stops it when there are too many.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, inside the try: PIL decodes lazily and a truncated file fails only here
+            return im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a property of the file, see docstring
+        return Skipped(os.fspath(path), f"{type(exc).__name__}: {exc}")
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """Images held in memory: uint8 ``Tensor[N, 3, H, W]`` and labels ``LongTensor[N]`` (None: unlabelled)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, transform: Transform):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [N, 3, H, W], got {list(images.shape)}")
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        label = int(self.labels[index]) if self.labels is not None else -1
+        return {"image": apply_transform(self.transform, self.images[index]), "label": label, "index": int(index)}
+
+
+class FileImageDataset(torch.utils.data.Dataset):
+    """Image files on disk: ``samples`` is a list of (path, label); unreadable files come back as Skipped."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform, classes: Sequence[str] = ()):
+        self.samples = list(samples)
+        self.transform = transform
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict | Skipped:
+        path, label = self.samples[index]
+        image = read_image(path)
+        if isinstance(image, Skipped):
+            return image
+        return {"image": apply_transform(self.transform, image), "label": int(label), "index": int(index)}

@@ -1,0 +1,152 @@
+"""Image transforms: one path for PIL images, numpy arrays and uint8 or float tensors.
+
+Every input is turned into a ``Tensor[3, H, W]`` first (uint8 stays uint8, so resizing runs on bytes; float stays
+float), then :mod:`torchvision.transforms.v2` crops, flips and jitters it, and the result is a float32
+``Tensor[3, S, S]`` in [0, 1]. There is no normalisation here: teachers and students normalise their inputs
+themselves, because each has its own mean and std. Randomness comes from torch's global generator, so a
+transform is reproducible under ``torch.manual_seed`` (DataLoader workers get their own seeds from torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+
+__all__ = ["ImageTransform", "TransformConfig", "as_float_image", "build_transform", "to_image_tensor"]
+
+
+@dataclasses.dataclass
+class TransformConfig:
+    image_size: int = 224
+    "side of the square output image, in pixels"
+    scale: tuple[float, float] = (0.08, 1.0)
+    "train: range of the random resized crop's area, as a fraction of the image"
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    "train: range of the random resized crop's aspect ratio (width / height)"
+    hflip: float = 0.5
+    "train: probability of a horizontal flip"
+    color_jitter: float = 0.0
+    "train: colour jitter strength s (brightness, contrast, saturation 0.4 s, hue 0.1 s, applied with p 0.8); 0 is off"
+    crop_pct: float = 0.875
+    "eval: resize the shorter side to image_size / crop_pct, then take the centre image_size crop"
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    "resampling filter of every resize"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {self.image_size}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(self.scale)}")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"ratio must be (lo, hi) with 0 < lo <= hi, got {tuple(self.ratio)}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
+        if self.color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0 (0 turns it off), got {self.color_jitter}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+def to_image_tensor(image: Any) -> torch.Tensor:
+    """A PIL image, numpy array (HxW or HxWxC) or tensor ([H, W] or [C, H, W]) as ``Tensor[3, H, W]``.
+
+    uint8 stays uint8 (0..255); floating point becomes float32 (expected in [0, 1]). Grey images are repeated to
+    three channels and an alpha channel is dropped (PIL images are converted to RGB, which also handles palettes).
+    """
+    if isinstance(image, torch.Tensor):
+        x = image
+    elif isinstance(image, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(image))
+        if x.ndim == 3:
+            x = x.permute(2, 0, 1)  # numpy images are channel-last
+    else:
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - pillow is a dependency
+            Image = None
+        if Image is None or not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    if x.ndim == 2:
+        x = x.unsqueeze(0)
+    if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            f"expected an image tensor [3, H, W] (or [1, H, W], [4, H, W], [H, W]), got shape {list(x.shape)}; "
+            "channel-last tensors must be permuted to channel-first"
+        )
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    elif x.shape[0] == 4:
+        x = x[:3]
+    if x.dtype == torch.uint8:
+        return x.contiguous()
+    if x.is_floating_point():
+        return x.contiguous().float()
+    raise TypeError(f"image tensors must be uint8 (0..255) or floating point (0..1), got {x.dtype}")
+
+
+def as_float_image(image: Any) -> torch.Tensor:
+    """Any image (see :func:`to_image_tensor`) as float32 ``Tensor[3, H, W]`` in [0, 1]."""
+    x = to_image_tensor(image)
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.clamp(0.0, 1.0)
+
+
+class ImageTransform:
+    """``transform(image) -> Tensor[3, S, S]`` float32 in [0, 1], for any input :func:`to_image_tensor` takes."""
+
+    def __init__(self, cfg: TransformConfig, train: bool):
+        from torchvision.transforms import v2
+
+        self.cfg = cfg
+        self.train = train
+        interp = {
+            "bilinear": v2.InterpolationMode.BILINEAR,
+            "bicubic": v2.InterpolationMode.BICUBIC,
+        }[cfg.interpolation]
+        size = cfg.image_size
+        ops: list[Callable] = []
+        if train:
+            ops.append(
+                v2.RandomResizedCrop(
+                    size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), interpolation=interp, antialias=True
+                )
+            )
+            if cfg.hflip > 0:
+                ops.append(v2.RandomHorizontalFlip(cfg.hflip))
+            if cfg.color_jitter > 0:
+                s = cfg.color_jitter
+                jitter = v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.4 * s, hue=min(0.1 * s, 0.5))
+                ops.append(v2.RandomApply([jitter], p=0.8))
+        else:
+            resize_to = int(math.floor(size / cfg.crop_pct + 1e-6))
+            ops += [v2.Resize(resize_to, interpolation=interp, antialias=True), v2.CenterCrop(size)]
+        self.ops = v2.Compose(ops)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from torchvision import tv_tensors
+
+        x = tv_tensors.Image(to_image_tensor(image))
+        x = self.ops(x).as_subclass(torch.Tensor)
+        if x.dtype == torch.uint8:
+            return x.float().div_(255.0)
+        # bicubic resizing of float images overshoots a little at edges; out of place, because when no op
+        # changed the image x is still the caller's tensor
+        return x.clamp(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(train={self.train}, {self.ops})"
+
+
+def build_transform(cfg: TransformConfig | None, train: bool) -> ImageTransform:
+    """The train (random resized crop, flip, colour jitter) or eval (resize, centre crop) transform for ``cfg``."""
+    return ImageTransform(cfg if cfg is not None else TransformConfig(), train)

@@ -1,0 +1,12 @@
+"""The built-in evaluators, registered through the same hook as third-party ones."""
+
+from __future__ import annotations
+
+from kdforge.eval.knn import KnnEvaluator
+from kdforge.eval.linear import LinearProbeEvaluator
+from kdforge.plugins import hookimpl
+
+
+@hookimpl
+def kdforge_register_evaluators() -> list[type]:
+    return [KnnEvaluator, LinearProbeEvaluator]
