@@ -29,3 +29,9 @@ def autotuned(jit_fn, configs, key, **kwargs):
     if INTERPRET:
         return None
     return triton.autotune(configs=configs, key=key, **kwargs)(jit_fn)
+
+
+def upcast_dot(*tensors: torch.Tensor) -> bool:
+    """True where tl.dot operands must be cast to fp32 first: bfloat16 under the interpreter, whose numpy
+    arithmetic has no bfloat16 matrix product (compiled kernels keep bf16 operands and fp32 accumulation)."""
+    return INTERPRET and any(t.dtype == torch.bfloat16 for t in tensors)

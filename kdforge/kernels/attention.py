@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdforge.kernels._common import INTERPRET, dot_precision, next_pow2
+from kdforge.kernels._common import INTERPRET, dot_precision, next_pow2, upcast_dot
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -41,6 +41,7 @@ def _attn_fwd_kernel(
     H, N, D_HEAD, qk_scale,
     HAS_BIAS: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -54,6 +55,8 @@ def _attn_fwd_kernel(
     m_ok = offs_m < N
     d_ok = offs_d < D_HEAD
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     bias_base = BIAS + b * sbb + h * sbh
@@ -65,6 +68,8 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if HAS_BIAS:
             bias = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
@@ -77,6 +82,8 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -114,6 +121,7 @@ def _attn_bwd_dkdv_kernel(
     NEED_DBIAS: tl.constexpr,
     DBIAS_ATOMIC: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -129,6 +137,9 @@ def _attn_bwd_dkdv_kernel(
     kv_ok = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     bias_base = BIAS + b * sbb + h * sbh
@@ -143,6 +154,9 @@ def _attn_bwd_dkdv_kernel(
         qd_ok = m_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_ok, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=qd_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         mn_ok = m_ok[:, None] & n_ok[None, :]
@@ -177,6 +191,7 @@ def _attn_bwd_dq_kernel(
     H, N, D_HEAD, qk_scale, sm_scale,
     HAS_BIAS: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -192,6 +207,9 @@ def _attn_bwd_dq_kernel(
     qd_ok = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_ok, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=qd_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
     row_base = pid_bh.to(tl.int64) * N
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -206,6 +224,9 @@ def _attn_bwd_dq_kernel(
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
         mn_ok = m_ok[:, None] & n_ok[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if HAS_BIAS:
@@ -269,7 +290,7 @@ def attention_fwd(
         *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias4, (B, H, N, N)),
         H, N, d, scale * LOG2E,
     )  # fmt: skip
-    meta = dict(HAS_BIAS=bias4 is not None, DOT_PREC=dot_precision(q), BLOCK_D=next_pow2(d, 16))
+    meta = dict(HAS_BIAS=bias4 is not None, DOT_PREC=dot_precision(q), UPCAST=upcast_dot(q), BLOCK_D=next_pow2(d, 16))
     if _fwd_tuned is None:
         _attn_fwd_kernel[(triton.cdiv(N, 16), B * H)](*args, **meta, **_INTERP_META)
     else:
@@ -315,7 +336,7 @@ def attention_bwd(
     bias_strides = _bias_strides(bias4, (B, H, N, N))
     # scratch pointer when there is no dbias: never written (NEED_DBIAS False), safe to zero when autotuning
     dbias_arg = dbias if dbias is not None else torch.zeros(1, dtype=torch.float32, device=q.device)
-    common = dict(HAS_BIAS=bias4 is not None, DOT_PREC=dot_precision(q), BLOCK_D=block_d)
+    common = dict(HAS_BIAS=bias4 is not None, DOT_PREC=dot_precision(q), UPCAST=upcast_dot(q), BLOCK_D=block_d)
     dkdv_args = (
         q, k, v, bias_arg, grad_out, lse, delta, dk, dv, dbias_arg,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *grad_out.stride(), *dbias_strides,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdforge.kernels._common import INTERPRET, dot_precision, next_pow2
+from kdforge.kernels._common import INTERPRET, dot_precision, next_pow2, upcast_dot
 
 MAX_FUSED_K = 256
 MAX_K = 1024
@@ -44,6 +44,7 @@ def _knn_kernel(
     METRIC_L2: tl.constexpr,
     FUSED_TOPK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -69,6 +70,9 @@ def _knn_kernel(
             d_ok = offs_d < D
             q = tl.load(q_rows + offs_d[None, :] * sq_d, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
             g = tl.load(g_cols + offs_d[:, None] * sg_d, mask=d_ok[:, None] & g_ok[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                g = g.to(tl.float32)
             acc = tl.dot(q, g, acc, input_precision=DOT_PREC)
             if METRIC_L2:
                 gf = g.to(tl.float32)
@@ -141,7 +145,7 @@ def chunk_keys(queries: torch.Tensor, gallery: torch.Tensor, k: int, metric: str
         n_q, n_g, dim,
         queries.stride(0), queries.stride(1), gallery.stride(0), gallery.stride(1), out.stride(0),
         index_offset, slice_len,
-        METRIC_L2=metric == "l2", FUSED_TOPK=fused, DOT_PREC=dot_precision(queries),
+        METRIC_L2=metric == "l2", FUSED_TOPK=fused, DOT_PREC=dot_precision(queries), UPCAST=upcast_dot(queries),
         BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_D=block_d,
         num_warps=num_warps,
     )  # fmt: skip

@@ -9,7 +9,6 @@ prefers Triton, on the CPU the compiled extension, else the reference (SDPA for 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Any
@@ -30,14 +29,21 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT: dict[str, str | None] = {}  # filled once; a plain dict so torch.compile reads it as a constant
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - a broken install raises anything; we only report it
-        return f"triton cannot be imported ({type(exc).__name__}: {exc}); install it with `pip install triton`"
-    return None
+    if "error" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - a broken install raises anything; we only report it
+            _TRITON_IMPORT["error"] = (
+                f"triton cannot be imported ({type(exc).__name__}: {exc}); install it with `pip install triton`"
+            )
+        else:
+            _TRITON_IMPORT["error"] = None
+    return _TRITON_IMPORT["error"]
 
 
 def triton_reason(device_type: str) -> str | None:
