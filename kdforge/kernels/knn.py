@@ -188,7 +188,7 @@ def stream_chunks(gallery: Any, chunk_rows: int, device: torch.device, dtype: to
         for start in range(0, n_g, chunk_rows):
             stop = min(start + chunk_rows, n_g)
             part = gallery[start:stop]
-            part = torch.from_numpy(np.ascontiguousarray(part)) if is_numpy else part
+            part = torch.from_numpy(np.array(part)) if is_numpy else part  # np.array: a writable copy
             yield start, part.to(device=device, dtype=dtype)
         return
 

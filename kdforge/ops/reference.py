@@ -144,7 +144,7 @@ def gallery_chunk(gallery: Any, start: int, stop: int, device: torch.device, dty
     else:
         import numpy as np  # numpy galleries only; torch itself does not need it here
 
-        chunk = torch.from_numpy(np.ascontiguousarray(gallery[start:stop]))
+        chunk = torch.from_numpy(np.array(gallery[start:stop]))  # a writable copy of the rows
     return chunk.to(device=device, dtype=dtype)
 
 
