@@ -136,7 +136,7 @@ class Trainer:
         from kdforge.data.transforms import build_transform
 
         self.source = registry.create("data_sources", r.data, "data")
-        self.dataset = self.source.build("train", build_transform(self._transform_cfg(), train=True))
+        self.dataset = self.source.build("train", build_transform(r.augment, train=True))
         if len(self.dataset) < r.train.batch_size * self.dist.world_size:
             raise KdforgeError(
                 f"the training set has {len(self.dataset)} images, fewer than one global batch "
@@ -201,12 +201,6 @@ class Trainer:
         self._skips = None
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _transform_cfg(self):
-        from kdforge.data.transforms import TransformConfig
-
-        a = self.recipe.augment
-        return TransformConfig(image_size=a.image_size, scale=tuple(a.scale), hflip=a.hflip, color_jitter=a.color_jitter)
-
     def _find_resume(self, resume: str | None) -> Path | None:
         if resume is None:
             return None
@@ -227,7 +221,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         """Train (resuming if asked), evaluate, write summary.json; returns the summary."""
-        from kdforge.data import SkipCounter
+        from kdforge.data.skips import SkipCounter
 
         r = self.recipe
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +263,7 @@ class Trainer:
             self.sampler.set_position(self.epoch, self.batch_in_epoch * r.train.batch_size)
             micro: list[dict] = []
             for batch in self._loader():
-                self._skips.update(batch["skipped"], seen=len(batch["skipped"]) + batch["image"].shape[0])
+                self._skips.add_batch(batch)
                 micro.append(batch)
                 self.batch_in_epoch += 1
                 if len(micro) < r.train.accum_steps:
@@ -362,7 +356,7 @@ class Trainer:
 
             registry = get_registry()
             source = registry.create("data_sources", r.data, "eval.data")
-            tf = build_transform(self._transform_cfg(), train=False)
+            tf = build_transform(self.recipe.augment, train=False)
             train_set, test_set = source.build("train", tf), source.build("val", tf)
             targets = [("student", self._student_features)]
             if r.teacher and not any(k.startswith("teacher_") for k in self.results):

@@ -18,7 +18,6 @@ from typing import Any
 
 from kdforge.errors import RecipeError
 from kdforge.recipe.config import (
-    AugmentConfig,
     EvalConfig,
     OptimConfig,
     Recipe,
@@ -28,7 +27,7 @@ from kdforge.recipe.config import (
 from kdforge.recipe.schema import build, did_you_mean, to_dict
 
 __all__ = [
-    "AugmentConfig", "EvalConfig", "OptimConfig", "Recipe", "RunConfig", "TrainConfig",
+    "EvalConfig", "OptimConfig", "Recipe", "RunConfig", "TrainConfig",
     "load_recipe", "parse_override", "resolve", "to_dict", "dump_toml",
 ]
 

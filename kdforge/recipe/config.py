@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from kdforge.data.transforms import TransformConfig
+
 
 @dataclasses.dataclass
 class RunConfig:
@@ -70,18 +72,6 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class AugmentConfig:
-    image_size: int = 224
-    """Training and evaluation image side in pixels."""
-    scale: tuple[float, float] = (0.08, 1.0)
-    """RandomResizedCrop scale range."""
-    hflip: float = 0.5
-    """Horizontal flip probability."""
-    color_jitter: float = 0.0
-    """Colour jitter strength (0 disables)."""
-
-
-@dataclasses.dataclass
 class EvalConfig:
     before: bool = True
     """Evaluate the (untrained) student before training: summary keys student_<metric>_before."""
@@ -105,7 +95,7 @@ class Recipe:
     """Run-wide settings."""
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Training data source (unlabelled images are enough)."""
-    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    augment: TransformConfig = dataclasses.field(default_factory=TransformConfig)
     """Training augmentation (one view, given to teacher and student alike)."""
     teacher: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The frozen teacher."""
