@@ -26,6 +26,11 @@ from kdforge.data.datasets import TensorImageDataset, mix_seed
 
 __all__ = ["SHAPES", "ProceduralSource", "cached_generate", "generate"]
 
+# How the images look (ranges drawn per image). Tuned so that raw-pixel kNN stays near chance (about 14 %) while
+# a 3-layer CNN reaches about 50 % after 9000 training samples on a CPU (tests/data/test_procedural.py): background
+# colour-field contrast, grating amplitude, pixel noise std, shape radius in image half-widths, and the least
+# luminance difference between a shape and the background it covers.
+_STYLE = dict(contrast=(0.3, 1.0), grating=0.1, noise=(0.02, 0.08), radius=(0.4, 0.7), gap=(0.2, 0.45))
 _CHUNK = 512  # images per generator; fixed so that image i never depends on how many images were asked for
 
 # Signed distance functions in the shape's own frame: u, v in units of the shape's radius (the shape fits in the
@@ -122,8 +127,8 @@ def _chunk(seed: int, split_id: int, chunk: int, num_classes: int, size: int) ->
     """One chunk of ``_CHUNK`` images: (uint8 Tensor[_CHUNK, 3, size, size], LongTensor[_CHUNK])."""
     g = torch.Generator().manual_seed(mix_seed(seed, split_id, chunk))
     n = _CHUNK
-    # balanced classes in random order
-    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+    # balanced classes (image i of the split would be class i % C) in random order within the chunk
+    labels = ((chunk * n + torch.arange(n)) % num_classes)[torch.randperm(n, generator=g)]
 
     # pixel centres in [-1, 1]
     axis = (torch.arange(size, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
@@ -132,17 +137,17 @@ def _chunk(seed: int, split_id: int, chunk: int, num_classes: int, size: int) ->
     # background: a smooth colour field (4x4 control points), an oriented grating of random frequency and
     # strength, and pixel noise; these vary far more between images than the shape does
     coarse = torch.rand(n, 3, 4, 4, generator=g) - 0.5
-    bg = 0.5 + _uniform(g, n, 0.3, 1.0, 1, 1, 1) * F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    bg = 0.5 + _uniform(g, n, *_STYLE['contrast'], 1, 1, 1) * F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
     freq = _uniform(g, n, 2.0, 9.0, 1, 1, 1) * math.pi
     theta_g = _uniform(g, n, 0.0, math.pi, 1, 1, 1)
     phase = _uniform(g, n, 0.0, 2 * math.pi, 1, 1, 1)
-    amp = _uniform(g, n, 0.0, 0.15, 1, 1, 1) * torch.rand(n, 3, 1, 1, generator=g)
+    amp = _uniform(g, n, 0.0, _STYLE['grating'], 1, 1, 1) * torch.rand(n, 3, 1, 1, generator=g)
     grating = torch.sin(freq * (x * torch.cos(theta_g) + y * torch.sin(theta_g)) + phase)  # [n, 1, S, S]
     bg = bg + amp * grating
-    bg = bg + _uniform(g, n, 0.02, 0.12, 1, 1, 1) * torch.randn(n, 3, size, size, generator=g)
+    bg = bg + _uniform(g, n, *_STYLE['noise'], 1, 1, 1) * torch.randn(n, 3, size, size, generator=g)
 
     # the shape: radius in image half-widths, centre kept so that most of the shape stays visible
-    radius = _uniform(g, n, 0.35, 0.65, 1, 1)
+    radius = _uniform(g, n, *_STYLE['radius'], 1, 1)
     reach = 1.0 - 0.8 * radius
     cx = (torch.rand(n, 1, 1, generator=g) * 2 - 1) * reach
     cy = (torch.rand(n, 1, 1, generator=g) * 2 - 1) * reach
@@ -160,14 +165,16 @@ def _chunk(seed: int, split_id: int, chunk: int, num_classes: int, size: int) ->
     px_per_unit = radius * (size / 2.0)
     alpha = (0.5 - dist * px_per_unit).clamp(0.0, 1.0).unsqueeze(1)  # [n, 1, S, S]
 
-    # foreground colour: random, but pushed away from the background's mean luminance so that the shape is
-    # visible (a network cannot learn a shape it cannot see); plus its own faint noise
+    # foreground colour: random, but its luminance pushed at least `gap` away from the background it covers, so
+    # that every shape is visible (a network cannot learn a shape it cannot see); towards whichever side has room
     fg = torch.rand(n, 3, 1, 1, generator=g)
-    bg_lum = bg.mean(dim=(1, 2, 3), keepdim=True)
+    cover = alpha.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    bg_lum = (alpha * bg.mean(dim=1, keepdim=True)).sum(dim=(2, 3), keepdim=True) / cover  # [n, 1, 1, 1]
     fg_lum = fg.mean(dim=1, keepdim=True)
-    gap = _uniform(g, n, 0.18, 0.45, 1, 1, 1)
-    shift = torch.where(fg_lum >= bg_lum, (bg_lum + gap - fg_lum).clamp(min=0), (bg_lum - gap - fg_lum).clamp(max=0))
-    fg = fg + shift
+    gap = _uniform(g, n, *_STYLE['gap'], 1, 1, 1)
+    up = ((fg_lum >= bg_lum) & (bg_lum + gap <= 1.0)) | (bg_lum - gap < 0.0)
+    target = torch.where(up, torch.maximum(fg_lum, bg_lum + gap), torch.minimum(fg_lum, bg_lum - gap))
+    fg = fg + (target - fg_lum)
     fg = fg + 0.04 * torch.randn(n, 3, size, size, generator=g)
 
     img = alpha * fg + (1 - alpha) * bg

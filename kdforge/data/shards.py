@@ -104,7 +104,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         wds = _webdataset()
         for shard, url in self._my_shards():
             try:
-                for position, sample in enumerate(wds.tarfile_to_samples([{"url": url}])):
+                for position, sample in enumerate(wds.tarfile_samples([{"url": url}])):
                     yield shard * INDEX_STRIDE + position, sample
             except (OSError, ValueError, EOFError) as exc:
                 raise DataError(f"cannot read shard '{url}': {type(exc).__name__}: {exc}") from exc

@@ -64,7 +64,7 @@ class SkipCounter:
         self.count += len(skipped)
         for item in skipped:
             self._files.setdefault(item.path, item.reason)
-        if skipped and self.seen >= self.min_items:
+        if self.seen >= self.min_items:
             self.check()
 
     def add_batch(self, batch: dict) -> None:

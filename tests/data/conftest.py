@@ -61,3 +61,15 @@ def image_writer():
 def corrupt_writer():
     """``write_corrupt(folder, good_source)``: write three broken files, return {name: path}."""
     return write_corrupt
+
+
+@pytest.fixture
+def single_thread():
+    """Run the test on one intra-op thread (restored afterwards): compute-bound tests measure work, not how
+    OpenMP threads spin when other processes share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
