@@ -1,0 +1,178 @@
+"""The "timm" student: a timm vision transformer (VisionTransformer, DeiT, EVA ... ) trained from scratch.
+
+Masked views: a forward hook on ``patch_embed`` swaps the masked patch embeddings for the learnable mask token, so
+the substitution happens before ``_pos_embed`` adds the position embedding (iBOT / DINOv2) whatever the family's
+own ``forward_features`` does next (registers, RoPE, patch dropout, ``dynamic_img_size``, gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from kdforge.errors import KdforgeError
+from kdforge.students import Student, StudentOutput, check_images, check_mask
+from kdforge.teachers import patch_grid
+from kdforge.teachers.timm_utils import (
+    check_input_size,
+    create_timm_model,
+    model_mean_std,
+    model_patch_size,
+    split_tokens,
+)
+
+__all__ = ["KdforgeAttention", "TimmStudent"]
+
+
+class KdforgeAttention(nn.Module):
+    """timm's ``Attention`` with the score-softmax-value product computed by :func:`kdforge.ops.attention`.
+
+    It takes over the timm module's own layers under the same names (qkv, q_norm, k_norm, norm, proj, ...), so
+    state dicts are interchangeable with attention = "timm" and the two give the same outputs.
+    """
+
+    def __init__(self, attn: nn.Module, backend: str = "auto"):
+        super().__init__()
+        if attn.attn_drop.p > 0:
+            raise KdforgeError(
+                f"[student] attention = 'kdforge' has no attention dropout but the model has attn_drop = "
+                f"{attn.attn_drop.p}: set student.model_kwargs.attn_drop_rate = 0 or attention = 'timm'"
+            )
+        self.num_heads, self.head_dim, self.attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
+        self.scale = attn.scale
+        self.backend = backend
+        self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
+        self.norm, self.proj, self.proj_drop = attn.norm, attn.proj, attn.proj_drop
+        self.attn_drop = attn.attn_drop  # kept (p == 0) so that the module tree matches timm's
+        self.gate = getattr(attn, "gate", None)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        from kdforge.ops import attention  # imported here: kdforge.ops pulls in kernels only when used
+
+        if attn_mask is not None or is_causal:
+            raise KdforgeError("attention = 'kdforge' supports neither attn_mask nor causal attention")
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, H, N, d]
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = attention(q, k, v, bias=None, scale=self.scale, backend=self.backend)
+        x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class TimmStudent(Student):
+    """A timm ViT with a learnable mask token and its own input normalisation."""
+
+    name = "timm"
+
+    @dataclasses.dataclass
+    class Config:
+        model: str = "vit_small_patch14_dinov2"
+        """timm model name of a vision transformer (patch_embed, cls_token, pos_embed, blocks, norm)."""
+        model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+        """Keyword arguments for timm.create_model (img_size, patch_size, embed_dim, depth, num_heads, reg_tokens ...)."""
+        pretrained: bool = False
+        """Start from timm's pretrained weights (Proteus starts from random weights: inheriting them hurt, A.8)."""
+        drop_path_rate: float = 0.0
+        """Stochastic depth rate of the last block (timm decays it linearly from 0 at the first)."""
+        attention: Literal["timm", "kdforge"] = "timm"
+        """Attention computation: timm's own, or kdforge.ops.attention (fused kernels) with the same weights."""
+        attention_backend: Literal["auto", "triton", "sdpa", "xformers", "reference"] = "auto"
+        """Backend of kdforge.ops.attention when attention = "kdforge"."""
+        mask_token_init: Literal["zeros", "trunc_normal"] = "zeros"
+        """Initial mask token: zeros (DINOv2) or truncated normal with std 0.02 (iBOT / BEiT)."""
+        grad_checkpointing: bool = False
+        """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
+        mean: tuple[float, float, float] | None = None
+        """RGB mean for input normalisation (default: the model's pretrained_cfg)."""
+        std: tuple[float, float, float] | None = None
+        """RGB std for input normalisation (default: the model's pretrained_cfg)."""
+
+        def __post_init__(self):
+            if not 0.0 <= self.drop_path_rate < 1.0:
+                raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.model_name = cfg.model
+        kwargs = {"num_classes": 0, "drop_path_rate": cfg.drop_path_rate, **cfg.model_kwargs}
+        self.model = create_timm_model(cfg.model, pretrained=cfg.pretrained, kwargs=kwargs, where="student")
+        m = self.model
+        missing = [a for a in ("patch_embed", "blocks", "norm", "forward_features") if not hasattr(m, a)]
+        if missing or model_patch_size(m) is None or not hasattr(m, "num_prefix_tokens"):
+            raise KdforgeError(
+                f"[student] '{cfg.model}' is not a vision transformer kdforge can mask (it lacks "
+                f"{', '.join(missing) or 'patch_embed.patch_size / num_prefix_tokens'}): choose a timm ViT such as "
+                "vit_small_patch14_dinov2, deit_small_patch16_224 or eva02_small_patch14_224"
+            )
+        self.embed_dim = int(getattr(m, "num_features", m.embed_dim))
+        self._patch_hw = model_patch_size(m)
+        self.patch_size = self._patch_hw[0]
+        mean, std = model_mean_std(m)
+        self.register_buffer("mean", torch.tensor(cfg.mean or mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std or std).view(1, 3, 1, 1), persistent=False)
+
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        if cfg.mask_token_init == "trunc_normal":
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self._pending_mask: Tensor | None = None
+        m.patch_embed.register_forward_hook(self._substitute_masked)
+
+        if cfg.attention == "kdforge":
+            self._use_kdforge_attention(cfg.attention_backend)
+        if cfg.grad_checkpointing:
+            m.set_grad_checkpointing(True)
+
+    def _use_kdforge_attention(self, backend: str) -> None:
+        from timm.layers import Attention
+
+        blocks = list(self.model.blocks)
+        kinds = {type(b.attn).__name__ for b in blocks if not isinstance(getattr(b, "attn", None), Attention)}
+        if kinds:
+            raise KdforgeError(
+                f"[student] attention = 'kdforge' replaces timm.layers.Attention, but '{self.model_name}' uses "
+                f"{', '.join(sorted(kinds))} (RoPE or relative-position attention): set attention = 'timm'"
+            )
+        for blk in blocks:
+            blk.attn = KdforgeAttention(blk.attn, backend)
+
+    def _substitute_masked(self, module: nn.Module, args, out):
+        mask = self._pending_mask
+        if mask is None:
+            return out
+        tokens = out[0] if isinstance(out, tuple) else out  # some embedders also return their grid size
+        # [B, N, D], or [B, gh, gw, D] with dynamic_img_size: the mask follows the token layout either way
+        m = mask.reshape(tokens.shape[:-1]).unsqueeze(-1)
+        tokens = torch.where(m, self.mask_token.to(tokens.dtype), tokens)
+        return (tokens, *out[1:]) if isinstance(out, tuple) else tokens
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        pe = self.model.patch_embed
+        if getattr(pe, "dynamic_img_pad", False):
+            return tuple(int(v) for v in pe.dynamic_feat_size((h, w)))
+        return patch_grid(self.model_name, "student", (h, w), self._patch_hw)
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> StudentOutput:
+        check_images(images, f"student {self.model_name}")
+        h, w = images.shape[-2:]
+        check_input_size(self.model, h, w, role="student", model_name=self.model_name)
+        grid = self.grid((h, w))
+        if mask is not None:
+            check_mask(mask, images.shape[0], grid, f"student {self.model_name}")
+            mask = mask.to(images.device)
+        x = (images - self.mean) / self.std
+        self._pending_mask = mask
+        try:
+            y = self.model.forward_features(x)
+        finally:
+            self._pending_mask = None
+        cls, patches, grid = split_tokens(self.model, y, (h, w), model_name=self.model_name)
+        return StudentOutput(cls=cls, patches=patches, grid=grid)

@@ -1,0 +1,158 @@
+"""The "timm" teacher: any timm model whose ``forward_features`` returns tokens or a feature map."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdforge.errors import KdforgeError
+from kdforge.teachers import Teacher, TeacherOutput, patch_grid
+from kdforge.teachers.checkpoint import load_into, read_state_dict
+from kdforge.teachers.timm_utils import (
+    check_input_size,
+    create_timm_model,
+    model_mean_std,
+    model_patch_size,
+    probe_grid,
+    split_tokens,
+)
+
+__all__ = ["TimmBackedTeacher", "TimmTeacher", "load_timm_checkpoint"]
+
+
+def _is_head_key(name: str) -> bool:
+    # The teacher is built without a classifier (num_classes=0): a checkpoint's head weights are not needed.
+    return name.startswith(("head.", "fc.", "classifier.", "head_dist."))
+
+
+def load_timm_checkpoint(model: nn.Module, path: str, *, key: str = "", trust_pickle: bool = False,
+                         where: str = "teacher.checkpoint") -> None:
+    """Load a local weight file into a timm model. timm's own converter for the architecture runs first (as
+    for its pretrained weights), so original DINOv2 / OpenAI CLIP layouts and other position-embedding grids load."""
+    sd = read_state_dict(path, key=key, trust_pickle=trust_pickle, where=where)
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is not None:
+        sd = convert(sd, model)
+    load_into(model, sd, path=path, where=where, ignore=_is_head_key)
+
+
+class TimmBackedTeacher(Teacher):
+    """What every teacher wrapping a timm model shares: token splitting, grids, hidden layers.
+
+    Subclasses build ``model`` (a timm model without classifier use) and call :meth:`adopt`. Their Config must
+    have ``hidden_norm`` besides the common fields.
+    """
+
+    model: nn.Module
+
+    def adopt(self, model: nn.Module, *, mean=None, std=None, where: str = "teacher") -> None:
+        """Take ``model`` as the frozen backbone; mean/std default to its pretrained_cfg."""
+        self.model = model
+        hidden = self.cfg.hidden_layers
+        if hidden:
+            depth = len(getattr(model, "blocks", ()))
+            if not hasattr(model, "forward_intermediates") or not depth:
+                raise KdforgeError(
+                    f"[{where}] hidden_layers = {hidden} needs a timm model with blocks and "
+                    f"forward_intermediates(); '{self.model_name}' has none: set hidden_layers = 0"
+                )
+            if hidden > depth:
+                raise KdforgeError(f"[{where}] hidden_layers = {hidden} but '{self.model_name}' has {depth} blocks")
+        model_mean, model_std = model_mean_std(model)
+        self.set_normalization(mean or model_mean, std or model_std)
+        self.embed_dim = int(getattr(model, "num_features", getattr(model, "embed_dim", 0)))
+        # The output stride: the patch size for ViTs, 32 for a ResNet or Swin (whose patch_embed is only its stem).
+        reduction = int((getattr(model, "feature_info", None) or [{}])[-1].get("reduction", 0))
+        self._token_model = hasattr(model, "num_prefix_tokens") and model_patch_size(model) is not None
+        self._patch_hw = model_patch_size(model) if self._token_model else (reduction, reduction)
+        self.patch_size = self._patch_hw[0]
+        self._probed: dict[tuple[int, int], tuple[int, int]] = {}
+        self.freeze()
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if self._token_model:
+            pe = self.model.patch_embed
+            if getattr(pe, "dynamic_img_pad", False):
+                return tuple(int(v) for v in pe.dynamic_feat_size((h, w)))
+            return patch_grid(self.model_name, "teacher", (h, w), self._patch_hw)
+        if (h, w) not in self._probed:  # CNNs, Swin: the grid depends on padding and strides; ask the model once
+            self._probed[(h, w)] = probe_grid(self.model, h, w, model_name=self.model_name)
+        return self._probed[(h, w)]
+
+    def encode(self, x: Tensor) -> TeacherOutput:
+        h, w = x.shape[-2:]
+        check_input_size(self.model, h, w, role="teacher", model_name=self.model_name)
+        if not self.cfg.hidden_layers:
+            y = self.model.forward_features(x)
+            cls, patches, grid = split_tokens(self.model, y, (h, w), model_name=self.model_name)
+            return TeacherOutput(cls=cls, patches=patches, grid=grid)
+        # One pass gives both the final tokens and the last blocks' outputs.
+        final, inter = self.model.forward_intermediates(
+            x,
+            indices=self.cfg.hidden_layers,
+            return_prefix_tokens=True,
+            norm=self.cfg.hidden_norm,
+            output_fmt="NLC",
+        )
+        cls, patches, grid = split_tokens(self.model, final, (h, w), model_name=self.model_name)
+        hidden = []
+        for item in inter:
+            spatial, prefix = item if isinstance(item, tuple) else (item, None)
+            has_cls = prefix is not None and bool(getattr(self.model, "has_class_token", True))
+            first = prefix[:, :1] if has_cls else spatial.mean(dim=1, keepdim=True)
+            hidden.append(torch.cat([first, spatial], dim=1))
+        return TeacherOutput(cls=cls, patches=patches, grid=grid, hidden=hidden)
+
+
+class TimmTeacher(TimmBackedTeacher):
+    """A frozen timm model (ViT, DeiT, EVA, DINOv2-in-timm, ... or a CNN, whose feature map becomes the patches).
+
+    Weights: ``pretrained = true`` loads timm's own (network or the local Hugging Face cache); ``checkpoint``
+    loads a local file instead. Mean/std come from the model's pretrained_cfg unless set.
+    """
+
+    name = "timm"
+
+    @dataclasses.dataclass
+    class Config(Teacher.Config):
+        model: str = "vit_base_patch14_dinov2.lvd142m"
+        """timm model name (timm.list_models() lists them), e.g. vit_base_patch14_dinov2.lvd142m."""
+        pretrained: bool = False
+        """Load timm's pretrained weights through timm.create_model (ignored when checkpoint is set)."""
+        checkpoint: str = ""
+        """Local .safetensors / .pth / .pt weight file to load instead of timm's pretrained weights."""
+        checkpoint_key: str = ""
+        """Entry of the checkpoint dict that holds the weights (empty: model, state_dict or the top level)."""
+        trust_pickle: bool = False
+        """Allow torch.load to unpickle arbitrary objects in checkpoint (only for files you trust)."""
+        model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+        """Keyword arguments for timm.create_model (img_size, patch_size, embed_dim, depth, dynamic_img_size ...)."""
+        hidden_norm: bool = True
+        """Apply the final norm to the hidden outputs too (DINOv2's get_intermediate_layers default)."""
+        mean: tuple[float, float, float] | None = None
+        """RGB mean for input normalisation (default: the model's pretrained_cfg)."""
+        std: tuple[float, float, float] | None = None
+        """RGB std for input normalisation (default: the model's pretrained_cfg)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.model_name = cfg.model
+        kwargs = {"num_classes": 0, **cfg.model_kwargs}
+        model = create_timm_model(cfg.model, pretrained=cfg.pretrained and not cfg.checkpoint, kwargs=kwargs,
+                                  where="teacher")
+        if cfg.checkpoint:
+            load_timm_checkpoint(model, cfg.checkpoint, key=cfg.checkpoint_key, trust_pickle=cfg.trust_pickle)
+        elif not cfg.pretrained:
+            warnings.warn(
+                f"teacher {cfg.model} has random weights (pretrained = false and no checkpoint): fine for tests, "
+                "useless for distillation",
+                stacklevel=2,
+            )
+        self.adopt(model, mean=cfg.mean, std=cfg.std)
+

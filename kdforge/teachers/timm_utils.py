@@ -1,0 +1,135 @@
+"""What the timm teacher, the embedded teacher and the timm student share: building a timm model with errors a
+user can act on, reading its patch size and image statistics, checking input sizes, and splitting its tokens.
+
+timm is imported inside the functions: building the plugin registry (``kdforge plugins``) should not pay for it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdforge.errors import KdforgeError, ShapeError
+
+__all__ = [
+    "create_timm_model",
+    "model_mean_std",
+    "model_patch_size",
+    "check_input_size",
+    "split_tokens",
+]
+
+
+def create_timm_model(name: str, *, pretrained: bool, kwargs: dict[str, Any], where: str) -> nn.Module:
+    """``timm.create_model(name, pretrained=pretrained, **kwargs)`` with KdforgeErrors for an unknown name,
+    bad keyword arguments and weights that cannot be fetched."""
+    import timm
+
+    if not timm.is_model(name):
+        base = name.split(".")[0]
+        close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "list names with python -c \"import timm; print(timm.list_models('vit_*'))\""
+        raise KdforgeError(f"[{where}] model = '{name}' is not a timm model: {hint}")
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise KdforgeError(f"[{where}] timm model '{name}' rejected model_kwargs {kwargs}: {exc}") from exc
+    except (OSError, RuntimeError) as exc:
+        if not pretrained:
+            raise
+        raise KdforgeError(
+            f"[{where}] could not load pretrained weights for timm model '{name}' ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Without network access, download the weights elsewhere "
+            "and set checkpoint = \"/path/to/model.safetensors\" (pretrained is then ignored), or copy the Hugging "
+            "Face cache (~/.cache/huggingface) here and set HF_HUB_OFFLINE=1."
+        ) from exc
+
+
+def model_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The RGB mean/std the model's pretrained weights expect (timm's pretrained_cfg), for images in [0, 1]."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+
+
+def model_patch_size(model: nn.Module) -> tuple[int, int] | None:
+    """(ph, pw) of a patch-embedding model (ViT family), or None for models without ``patch_embed.patch_size``."""
+    pe = getattr(model, "patch_embed", None)
+    ps = getattr(pe, "patch_size", None)
+    if ps is None:
+        return None
+    return (int(ps), int(ps)) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+
+
+def check_input_size(model: nn.Module, height: int, width: int, *, role: str, model_name: str) -> None:
+    """ShapeError when a fixed-size timm model gets images of another size (timm would fail with a bare assert)."""
+    pe = getattr(model, "patch_embed", None)
+    img_size = getattr(pe, "img_size", None)
+    if img_size is None or not getattr(pe, "strict_img_size", False):
+        return
+    if tuple(img_size) != (height, width):
+        raise ShapeError(
+            f"{role} {model_name} was built for {img_size[0]}x{img_size[1]} px images but got {height}x{width}: "
+            f"set {role}.model_kwargs.img_size = {height} (or dynamic_img_size = true), or change the image size"
+        )
+
+
+def feature_grid(model: nn.Module, height: int, width: int) -> tuple[int, int] | None:
+    """The token grid a patch-embedding model produces for (height, width), honouring dynamic padding."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or model_patch_size(model) is None:
+        return None
+    if hasattr(pe, "dynamic_feat_size"):
+        gh, gw = pe.dynamic_feat_size((height, width))
+        return int(gh), int(gw)
+    ph, pw = model_patch_size(model)
+    return height // ph, width // pw
+
+
+def split_tokens(model: nn.Module, y: Tensor, image_hw: tuple[int, int], *, model_name: str):
+    """Split a timm ``forward_features`` output into (cls Tensor[B, D], patches Tensor[B, N, D], (gh, gw)).
+
+    Token outputs Tensor[B, P + N, D] (P = ``num_prefix_tokens``: CLS, then registers) keep the CLS and drop the
+    registers; models without a CLS token (and feature maps, NCHW or NHWC per ``model.output_fmt``) get the mean
+    patch token as their CLS.
+    """
+    if y.ndim == 4:
+        if str(getattr(model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC"):
+            y = y.permute(0, 3, 1, 2)
+        b, d, gh, gw = y.shape
+        patches = y.flatten(2).transpose(1, 2)
+        return patches.mean(dim=1), patches, (gh, gw)
+    if y.ndim != 3:
+        raise ShapeError(f"{model_name}: forward_features gave {tuple(y.shape)}, expected tokens [B, T, D] or a map")
+    num_prefix = int(getattr(model, "num_prefix_tokens", 0))
+    has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)) and num_prefix > 0
+    patches = y[:, num_prefix:]
+    grid = feature_grid(model, *image_hw)
+    if grid is None:
+        side = int(round(patches.shape[1] ** 0.5))
+        if side * side != patches.shape[1]:
+            raise ShapeError(
+                f"{model_name}: cannot tell the patch grid of {patches.shape[1]} tokens (no patch_embed.patch_size "
+                "and not a square number)"
+            )
+        grid = (side, side)
+    if grid[0] * grid[1] != patches.shape[1]:
+        raise ShapeError(
+            f"{model_name}: expected {grid[0]}x{grid[1]} = {grid[0] * grid[1]} patch tokens after {num_prefix} prefix "
+            f"token(s), got {patches.shape[1]}; this timm model's tokens do not map onto its patch grid"
+        )
+    cls = y[:, 0] if has_cls else patches.mean(dim=1)
+    return cls, patches, grid
+
+
+@torch.no_grad()
+def probe_grid(model: nn.Module, height: int, width: int, *, model_name: str) -> tuple[int, int]:
+    """The output grid of a model without a patch embedding (CNNs), by running it once on a blank image."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    y = model.forward_features(torch.zeros(1, 3, height, width, device=device))
+    return split_tokens(model, y, (height, width), model_name=model_name)[2]
