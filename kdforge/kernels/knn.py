@@ -120,10 +120,12 @@ def chunk_keys(queries: torch.Tensor, gallery: torch.Tensor, k: int, metric: str
         return torch.empty((n_q, k_eff), dtype=torch.long, device=queries.device)
     fused = k <= MAX_FUSED_K
     block_d = 32 if INTERPRET else min(64, next_pow2(dim, 16))
+    # Tiles sized from sm_90 builds (ptxas, no spills at 8 warps): [64 queries x 128 gallery] for k <= 128,
+    # [16 x 256] for k <= 256 (the running list is BLOCK_Q x BLOCK_G int64 in registers), [64 x 128] unfused.
     if INTERPRET:
         block_q = 16
     else:
-        block_q = 64 if fused and k <= 128 else (32 if fused else 64)
+        block_q = 64 if (not fused or k <= 128) else 16
     n_qb = triton.cdiv(n_q, block_q)
     if fused:
         block_g = next_pow2(k, 16)
@@ -139,7 +141,7 @@ def chunk_keys(queries: torch.Tensor, gallery: torch.Tensor, k: int, metric: str
         slice_len = block_g  # one tile per program: the keys are written out, nothing is carried
         n_slices = triton.cdiv(n_g, block_g)
         out = torch.empty((n_q, n_g), dtype=torch.long, device=queries.device)
-    num_warps = 8 if (fused and block_g >= 256) or (not fused) else 4
+    num_warps = 8
     _knn_kernel[(n_qb, n_slices)](
         queries, gallery, out,
         n_q, n_g, dim,

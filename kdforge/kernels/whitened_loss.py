@@ -99,10 +99,10 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_R"])]
 
 
-_CONFIGS = [
-    triton.Config({"BLOCK_R": br}, num_warps=nw)
-    for br in (1, 2, 4, 8, 16)
-    for nw in (4, 8)
+_CONFIGS = [triton.Config({"BLOCK_R": br}, num_warps=nw) for br in (1, 2, 4, 8, 16) for nw in (4, 8)] + [
+    # Rows of 8K-16K elements: 16 warps keep the row in registers without spilling (sm_90 build, BLOCK_R 1-2).
+    triton.Config({"BLOCK_R": br}, num_warps=16)
+    for br in (1, 2)
 ]
 _whitened_loss_tuned = autotuned(
     _whitened_loss_kernel,

@@ -120,7 +120,8 @@ def attention(
 
     ``backend``: "auto" | "triton" | "sdpa" (torch.nn.functional.scaled_dot_product_attention with
     attn_mask=bias) | "xformers" (memory_efficient_attention, where installed) | "reference" (materialises the
-    scores) | "ext" (refused: there is no compiled attention). "auto" is Triton on CUDA and SDPA elsewhere.
+    scores) | "ext" (refused: there is no compiled attention). "auto" is Triton for float16/bfloat16 on CUDA and
+    SDPA otherwise.
     """
     op = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -154,6 +155,10 @@ def attention(
     scale = float(d**-0.5 if scale is None else scale)
 
     chosen = _dispatch.resolve(op, backend, device)
+    if chosen == "triton" and backend == "auto" and q.dtype == torch.float32:
+        # Exact fp32 products (no silent TF32) run on CUDA cores in the Triton kernel, far from tensor-core speed;
+        # SDPA's fp32 path is the better automatic choice. backend="triton" still runs the kernel (IEEE fp32).
+        chosen = "sdpa"
     if chosen == "triton" and not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and q.dtype != torch.float64):
         if backend == "auto":
             chosen = "sdpa"
