@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from kdforge.data import Skipped
@@ -68,19 +69,35 @@ class TensorImageDataset(torch.utils.data.Dataset):
 
 
 class FileImageDataset(torch.utils.data.Dataset):
-    """Image files on disk: ``samples`` is a list of (path, label); unreadable files come back as Skipped."""
+    """Image files on disk, from (path, label) pairs; unreadable files come back as :class:`Skipped`.
+
+    Paths are kept in one numpy byte-string array and labels in one int64 array, not in a list of Python
+    tuples: DataLoader workers are forked, and touching millions of Python objects (even reading them updates
+    their reference counts) copies the pages that hold them into every worker, a well-known memory blow-up.
+    """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform, classes: Sequence[str] = ()):
-        self.samples = list(samples)
+        paths = [os.fsencode(p) for p, _ in samples]
+        self._paths = np.array(paths, dtype=bytes) if paths else np.zeros(0, dtype="S1")
+        self._labels = np.array([label for _, label in samples], dtype=np.int64)
         self.transform = transform
         self.classes = list(classes)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._labels)
+
+    def sample(self, index: int) -> tuple[str, int]:
+        """(path, label) of item ``index``."""
+        return os.fsdecode(self._paths[index]), int(self._labels[index])
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """Every (path, label), as a new list (for inspection; the dataset itself does not keep one)."""
+        return [self.sample(i) for i in range(len(self))]
 
     def __getitem__(self, index: int) -> dict | Skipped:
-        path, label = self.samples[index]
+        path, label = self.sample(index)
         image = read_image(path)
         if isinstance(image, Skipped):
             return image
-        return {"image": apply_transform(self.transform, image), "label": int(label), "index": int(index)}
+        return {"image": apply_transform(self.transform, image), "label": label, "index": int(index)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import types
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -24,14 +25,25 @@ import torch.nn.functional as F
 from kdforge.data import DataSource
 from kdforge.data.datasets import TensorImageDataset, mix_seed
 
-__all__ = ["SHAPES", "ProceduralSource", "cached_generate", "generate"]
+__all__ = ["GENERATOR_VERSION", "SHAPES", "ProceduralSource", "cached_generate", "generate"]
 
 # How the images look (ranges drawn per image). Tuned so that raw-pixel kNN stays near chance (about 14 %) while
 # a 3-layer CNN reaches about 50 % after 9000 training samples on a CPU (tests/data/test_procedural.py): background
 # colour-field contrast, grating amplitude, pixel noise std, shape radius in image half-widths, and the least
 # luminance difference between a shape and the background it covers.
-_STYLE = dict(contrast=(0.3, 1.0), grating=0.1, noise=(0.02, 0.08), radius=(0.4, 0.7), gap=(0.2, 0.45))
-_CHUNK = 512  # images per generator; fixed so that image i never depends on how many images were asked for
+_STYLE = types.MappingProxyType(
+    dict(contrast=(0.3, 1.0), grating=0.1, noise=(0.02, 0.08), radius=(0.4, 0.7), gap=(0.2, 0.45))
+)
+#: Bumped whenever a change to this module changes the images a seed produces: include it in the key of anything
+#: cached from procedural data (a teacher trained on it, features), so that stale caches are not reused.
+GENERATOR_VERSION = 1
+
+
+def _chunk_len(size: int) -> int:
+    """Images per generator: 512 at 32x32, fewer for larger images so that a chunk's float temporaries stay
+    around 100 MB. It depends only on the image size, so image i never depends on how many images were asked for."""
+    return max(8, (512 * 32 * 32) // (size * size))
+
 
 # Signed distance functions in the shape's own frame: u, v in units of the shape's radius (the shape fits in the
 # unit disc); negative inside. Chebyshev-style boxes are exact inside and close enough outside for a 1-pixel
@@ -124,9 +136,9 @@ def _uniform(g: torch.Generator, n: int, lo: float, hi: float, *shape: int) -> t
 
 
 def _chunk(seed: int, split_id: int, chunk: int, num_classes: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of ``_CHUNK`` images: (uint8 Tensor[_CHUNK, 3, size, size], LongTensor[_CHUNK])."""
+    """One chunk of ``_chunk_len(size)`` images: (uint8 Tensor[n, 3, size, size], LongTensor[n])."""
     g = torch.Generator().manual_seed(mix_seed(seed, split_id, chunk))
-    n = _CHUNK
+    n = _chunk_len(size)
     # balanced classes (image i of the split would be class i % C) in random order within the chunk
     labels = ((chunk * n + torch.arange(n)) % num_classes)[torch.randperm(n, generator=g)]
 
@@ -137,17 +149,18 @@ def _chunk(seed: int, split_id: int, chunk: int, num_classes: int, size: int) ->
     # background: a smooth colour field (4x4 control points), an oriented grating of random frequency and
     # strength, and pixel noise; these vary far more between images than the shape does
     coarse = torch.rand(n, 3, 4, 4, generator=g) - 0.5
-    bg = 0.5 + _uniform(g, n, *_STYLE['contrast'], 1, 1, 1) * F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    bg = 0.5 + _uniform(g, n, *_STYLE["contrast"], 1, 1, 1) * smooth
     freq = _uniform(g, n, 2.0, 9.0, 1, 1, 1) * math.pi
     theta_g = _uniform(g, n, 0.0, math.pi, 1, 1, 1)
     phase = _uniform(g, n, 0.0, 2 * math.pi, 1, 1, 1)
-    amp = _uniform(g, n, 0.0, _STYLE['grating'], 1, 1, 1) * torch.rand(n, 3, 1, 1, generator=g)
+    amp = _uniform(g, n, 0.0, _STYLE["grating"], 1, 1, 1) * torch.rand(n, 3, 1, 1, generator=g)
     grating = torch.sin(freq * (x * torch.cos(theta_g) + y * torch.sin(theta_g)) + phase)  # [n, 1, S, S]
     bg = bg + amp * grating
-    bg = bg + _uniform(g, n, *_STYLE['noise'], 1, 1, 1) * torch.randn(n, 3, size, size, generator=g)
+    bg = bg + _uniform(g, n, *_STYLE["noise"], 1, 1, 1) * torch.randn(n, 3, size, size, generator=g)
 
     # the shape: radius in image half-widths, centre kept so that most of the shape stays visible
-    radius = _uniform(g, n, *_STYLE['radius'], 1, 1)
+    radius = _uniform(g, n, *_STYLE["radius"], 1, 1)
     reach = 1.0 - 0.8 * radius
     cx = (torch.rand(n, 1, 1, generator=g) * 2 - 1) * reach
     cy = (torch.rand(n, 1, 1, generator=g) * 2 - 1) * reach
@@ -171,7 +184,7 @@ def _chunk(seed: int, split_id: int, chunk: int, num_classes: int, size: int) ->
     cover = alpha.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
     bg_lum = (alpha * bg.mean(dim=1, keepdim=True)).sum(dim=(2, 3), keepdim=True) / cover  # [n, 1, 1, 1]
     fg_lum = fg.mean(dim=1, keepdim=True)
-    gap = _uniform(g, n, *_STYLE['gap'], 1, 1, 1)
+    gap = _uniform(g, n, *_STYLE["gap"], 1, 1, 1)
     up = ((fg_lum >= bg_lum) & (bg_lum + gap <= 1.0)) | (bg_lum - gap < 0.0)
     target = torch.where(up, torch.maximum(fg_lum, bg_lum + gap), torch.minimum(fg_lum, bg_lum - gap))
     fg = fg + (target - fg_lum)
@@ -200,7 +213,7 @@ def generate(
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     images, labels = [], []
-    for chunk in range(math.ceil(num_images / _CHUNK)):
+    for chunk in range(math.ceil(num_images / _chunk_len(image_size))):
         img, lab = _chunk(seed, _SPLIT_IDS[split], chunk, num_classes, image_size)
         images.append(img)
         labels.append(lab)
@@ -250,7 +263,9 @@ class ProceduralSource(DataSource):
 
         def __post_init__(self) -> None:
             if not 2 <= self.num_classes <= len(SHAPES):
-                raise ValueError(f"num_classes must be between 2 and {len(SHAPES)} (one shape each), got {self.num_classes}")
+                raise ValueError(
+                    f"num_classes must be between 2 and {len(SHAPES)} (one shape each), got {self.num_classes}"
+                )
             if self.image_size < 8:
                 raise ValueError(f"image_size must be at least 8 pixels to draw a shape, got {self.image_size}")
             if self.num_train < 0 or self.num_val < 0:

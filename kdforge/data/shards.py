@@ -199,7 +199,9 @@ class WebDatasetSource(DataSource):
         key = "train_urls" if split == "train" else "val_urls"
         pattern = getattr(self.cfg, key)
         if not pattern:
-            raise DataError(f"data.{key} is empty: give the {split} shards, e.g. '/data/shards/{split}-{{000000..000099}}.tar'")
+            raise DataError(
+                f"data.{key} is empty: give the {split} shards, e.g. '/data/shards/{split}-{{000000..000099}}.tar'"
+            )
         urls = expand_shards(pattern)
         missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
         if missing:

@@ -68,7 +68,7 @@ class SkipCounter:
             self.check()
 
     def add_batch(self, batch: dict) -> None:
-        """:meth:`update` from a batch of :func:`kdforge.data.collate` (good items in ``"label"``, bad in ``"skipped"``)."""
+        """:meth:`update` from a :func:`kdforge.data.collate` batch (good items under "label", bad under "skipped")."""
         skipped = batch.get("skipped", [])
         self.update(skipped, seen=len(batch["label"]) + len(skipped))
 

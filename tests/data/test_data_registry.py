@@ -82,3 +82,38 @@ def test_every_source_yields_the_item_contract(registry, tables, name, split):
         assert (batch["label"] == -1).all()
     else:
         assert ((batch["label"] >= 0) & (batch["label"] < src.num_classes)).all()
+
+
+def test_modules_import_and_explain_themselves_without_optional_packages():
+    """webdataset, scikit-learn and scikit-image are optional: importing the plugins must not need them, and
+    using a source that does names the package to install."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        for name in ("webdataset", "braceexpand", "sklearn", "skimage"):
+            sys.modules[name] = None  # `import name` now raises ImportError
+        import kdforge.data.builtin, kdforge.eval.builtin
+        from kdforge.data.embedded import DigitsSource, SingleImageSource
+        from kdforge.data.procedural import ProceduralSource
+        from kdforge.data.shards import WebDatasetSource
+        from kdforge.errors import DataError
+        ProceduralSource(ProceduralSource.Config(num_train=4, num_val=4)).build("train", None)[0]
+        for src in (DigitsSource(DigitsSource.Config()), SingleImageSource(SingleImageSource.Config()),
+                    WebDatasetSource(WebDatasetSource.Config(train_urls="x-{0..1}.tar"))):
+            try:
+                src.build("train", None)
+            except DataError as exc:
+                print(exc)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3
+    assert "pip install scikit-learn" in lines[0]
+    assert "pip install scikit-image" in lines[1]
+    assert "pip install webdataset" in lines[2]

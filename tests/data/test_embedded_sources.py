@@ -1,6 +1,5 @@
 """digits and single_image: data that ships inside scikit-learn and scikit-image."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -73,8 +72,9 @@ def test_single_image_crops_are_unlabelled_seeded_and_sized():
     assert (len(train), len(val)) == (30, 7)
     item = train[4]
     assert item["image"].shape == (3, 24, 24) and item["label"] == -1 and item["index"] == 4
-    assert torch.equal(item["image"], single(image="chelsea", num_train=30, crop_size=24).build("train", None)[4]["image"])
-    assert not torch.equal(item["image"], single(image="chelsea", num_train=30, crop_size=24, seed=1).build("train", None)[4]["image"])
+    same = single(image="chelsea", num_train=30, crop_size=24).build("train", None)[4]["image"]
+    other_seed = single(image="chelsea", num_train=30, crop_size=24, seed=1).build("train", None)[4]["image"]
+    assert torch.equal(item["image"], same) and not torch.equal(item["image"], other_seed)
     assert not torch.equal(train[0]["image"], val[0]["image"])
     assert not torch.equal(train[0]["image"], train[1]["image"])
 

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -28,7 +27,7 @@ def test_imagenet_layout_labels_follow_sorted_class_folders(imagenet_tree):
     assert train.classes == ["ant", "bee", "cat"]
     for i in range(len(train)):
         item = train[i]
-        path, label = train.samples[i]
+        path, label = train.sample(i)
         assert item["label"] == label == ["ant", "bee", "cat"].index(path.split("/")[-2])
         assert item["index"] == i
         assert item["image"].shape == (3, 12, 12) and item["image"].dtype == torch.float32
@@ -126,7 +125,7 @@ def _folder_with_corrupt_files(tmp_path, image_writer, corrupt_writer, good: int
 def test_corrupt_images_come_back_as_skipped_records(tmp_path, image_writer, corrupt_writer):
     folder, bad = _folder_with_corrupt_files(tmp_path, image_writer, corrupt_writer, good=4)
     ds = source(root=str(folder)).build("train", EVAL)
-    items = {ds.samples[i][0]: ds[i] for i in range(len(ds))}
+    items = {ds.sample(i)[0]: ds[i] for i in range(len(ds))}
     assert len(items) == 7
     for name, path in bad.items():
         assert isinstance(items[path], Skipped), name
