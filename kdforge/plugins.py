@@ -37,6 +37,10 @@ DEFAULT_PLUGINS = (
 )
 
 
+_SINGULAR = {"teachers": "teacher", "students": "student", "losses": "loss", "data_sources": "data source",
+             "maskers": "masker", "evaluators": "evaluator", "loggers": "logger"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Component:
     kind: str
@@ -90,14 +94,14 @@ class Registry:
             loc = f" in [{where}]" if where else ""
             known = self._by_kind[kind]
             failed = "".join(f"\n  (plugin '{f.name}' from {f.distribution} failed to load: {f.error})" for f in self.failed)
-            raise PluginError(f"unknown {kind[:-1].replace('_', ' ')} '{name}'{loc}: {did_you_mean(name, known)}{failed}") from None
+            raise PluginError(f"unknown {_SINGULAR.get(kind, kind)} '{name}'{loc}: {did_you_mean(name, known)}{failed}") from None
 
     def create(self, kind: str, table: dict[str, Any], where: str, default_plugin: str | None = None, **extra: Any):
         """Build a component from a recipe table: ``plugin`` picks the class, the other keys its Config."""
         table = dict(table)
         name = table.pop("plugin", default_plugin)
         if name is None:
-            raise PluginError(f"[{where}] needs a `plugin` key naming a {kind[:-1]}: one of {', '.join(self.names(kind))}")
+            raise PluginError(f"[{where}] needs a `plugin` key naming a {_SINGULAR.get(kind, kind)}: one of {', '.join(self.names(kind))}")
         cls = self.get(kind, name, where)
         cfg = build(cls.Config, table, where)
         return cls(cfg, **extra)

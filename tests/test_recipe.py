@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kdforge.errors import RecipeError
+from kdforge.errors import KdforgeError, RecipeError
 from kdforge.recipe import load_recipe, parse_override
 from kdforge.recipe.schema import field_docs
 from kdforge.recipe.config import Recipe, TrainConfig
@@ -37,7 +37,7 @@ def test_tiny_recipe_maps_onto_types():
     ("losses.token.plugin='proteus.tokn'", "did you mean 'proteus.token'?"),
 ])
 def test_bad_values_name_the_key_and_closest(override, message):
-    with pytest.raises(RecipeError) as exc:
+    with pytest.raises(KdforgeError) as exc:
         load_recipe(TINY, overrides=[override])
     assert message in str(exc.value)
 

@@ -9,6 +9,7 @@ seeded per (epoch, item) and per step, so they do not depend on how the run was 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import signal
@@ -137,12 +138,19 @@ class Trainer:
 
         self.source = registry.create("data_sources", r.data, "data")
         self.dataset = self.source.build("train", build_transform(r.augment, train=True))
-        if len(self.dataset) < r.train.batch_size * self.dist.world_size:
+        # Streaming sources (webdataset shards) shard over ranks themselves and report their per-rank length.
+        self.streaming = isinstance(self.dataset, torch.utils.data.IterableDataset)
+        try:
+            per_rank = len(self.dataset) if self.streaming else len(self.dataset) // self.dist.world_size
+        except TypeError as exc:
+            raise KdforgeError(f"[data] {exc}") from None
+        if per_rank < r.train.batch_size:
             raise KdforgeError(
-                f"the training set has {len(self.dataset)} images, fewer than one global batch "
-                f"({r.train.batch_size} x {self.dist.world_size} processes): lower train.batch_size"
+                f"the training set has {per_rank} images per process, fewer than one batch "
+                f"(train.batch_size = {r.train.batch_size}): lower train.batch_size or add data"
             )
 
+        torch.manual_seed(r.run.seed)  # a randomly initialised teacher (tests, ablations) must be reproducible
         self.teacher = registry.create("teachers", r.teacher, "teacher").to(self.device)
         torch.manual_seed(r.run.seed)  # the student's init must not depend on whether the teacher came from a cache
         self.student = registry.create("students", r.student, "student").to(self.device)
@@ -169,7 +177,7 @@ class Trainer:
             check_grids(self.teacher, self.student, size, resize=False)
         self.model = DistillModule(self.student, losses, weights).to(self.device)
 
-        self.batches_per_epoch = (len(self.dataset) // self.dist.world_size) // r.train.batch_size
+        self.batches_per_epoch = per_rank // r.train.batch_size
         self.steps_per_epoch = max(1, self.batches_per_epoch // r.train.accum_steps)
         self.total_steps = self.steps_per_epoch * r.train.epochs
         self.global_batch = r.train.batch_size * r.train.accum_steps * self.dist.world_size
@@ -210,13 +218,23 @@ class Trainer:
                                "pass --resume PATH or drop --resume to start fresh)")
         return path
 
-    def _loader(self) -> torch.utils.data.DataLoader:
+    def _loader(self) -> Iterator[dict]:
+        """This epoch's batches from the current position (``self.epoch``, ``self.batch_in_epoch``)."""
         r = self.recipe.train
-        return torch.utils.data.DataLoader(
-            SeededItems(self.dataset, self.recipe.run.seed), batch_size=r.batch_size, sampler=self.sampler,
-            num_workers=r.num_workers, collate_fn=collate, drop_last=True,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-        )
+        # Its own generator: creating a DataLoader iterator otherwise draws from the global RNG, and a resumed run
+        # creates one at a different moment than an uninterrupted one.
+        common = dict(batch_size=r.batch_size, num_workers=r.num_workers, collate_fn=collate, drop_last=True,
+                      pin_memory=self.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(self.recipe.run.seed * 7919 + self.epoch))
+        if self.streaming:
+            # Shards cannot seek: a resumed epoch re-reads and drops the batches already trained on.
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            loader = torch.utils.data.DataLoader(self.dataset, **common)
+            return itertools.islice(loader, self.batch_in_epoch, self.batches_per_epoch)
+        self.sampler.set_position(self.epoch, self.batch_in_epoch * r.batch_size)
+        return iter(torch.utils.data.DataLoader(SeededItems(self.dataset, self.recipe.run.seed),
+                                                sampler=self.sampler, **common))
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
@@ -240,7 +258,7 @@ class Trainer:
             if self.resume_path is None:
                 self._evaluate("before")
             self._train_loop()
-            if self.dist.is_main and self.step > 0:
+            if self.step > 0:
                 self.save()
             self._evaluate("after")
         finally:
@@ -260,19 +278,23 @@ class Trainer:
                    disable=not (self.show_progress and self.dist.is_main))
         window_t, window_imgs = time.perf_counter(), 0
         while self.step < last_step:
-            self.sampler.set_position(self.epoch, self.batch_in_epoch * r.train.batch_size)
             micro: list[dict] = []
             for batch in self._loader():
                 self._skips.add_batch(batch)
                 micro.append(batch)
                 self.batch_in_epoch += 1
+                epoch_done = self.batch_in_epoch >= self.batches_per_epoch
                 if len(micro) < r.train.accum_steps:
+                    if epoch_done:  # a partial accumulation group at the end of an epoch is dropped
+                        self._end_epoch(last_step)
                     continue
                 metrics = self.train_step(micro)
                 self.last_metrics = metrics
                 window_imgs += sum(b["image"].shape[0] for b in micro) * self.dist.world_size
                 micro = []
                 bar.update(1)
+                if epoch_done:  # before the checkpoint, so that a resume starts the next epoch
+                    self._end_epoch(last_step)
                 if self.step % r.train.log_every == 0 or self.step == last_step:
                     dt = time.perf_counter() - window_t
                     metrics["img_per_s"] = window_imgs / dt if dt > 0 else 0.0
@@ -286,15 +308,17 @@ class Trainer:
                     self.save()
                     bar.close()
                     raise Preempted(f"SIGTERM at step {self.step}: checkpoint written to {self.run_dir / 'last.pt'}")
-                if self.step >= last_step:
+                if self.step >= last_step or epoch_done:
                     break
-            else:
-                self.epoch += 1
-                self.batch_in_epoch = 0
-                if r.eval.every_epochs and self.epoch % r.eval.every_epochs == 0 and self.step < last_step:
-                    self._evaluate(f"epoch{self.epoch}")
         bar.close()
         self._skips.check()
+
+    def _end_epoch(self, last_step: int) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        every = self.recipe.eval.every_epochs
+        if every and self.epoch % every == 0 and self.step < last_step:
+            self._evaluate(f"epoch{self.epoch}")
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step over ``accum_steps`` micro-batches; returns the step's metrics."""
@@ -344,7 +368,7 @@ class Trainer:
                 "then --resume"
             )
         self.scaler.scale(loss * scale).backward()
-        return float(loss), {k: float(v) for k, v in terms.items()}
+        return float(loss.detach()), {k: float(v) for k, v in terms.items()}
 
     # ----------------------------------------------------------------------------------------------- eval
     def _evaluate(self, when: str) -> None:
