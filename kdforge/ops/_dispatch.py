@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ def triton_reason(device_type: str) -> str | None:
     )
 
 
-def _ext_module() -> tuple[Any | None, str | None]:
+def _ext_module(device_type: str = "cpu") -> tuple[Any | None, str | None]:
     try:
         ext = importlib.import_module("kdforge._ext")
     except Exception as exc:  # noqa: BLE001 - any failure means the extension cannot be used
@@ -72,22 +73,34 @@ def _ext_module() -> tuple[Any | None, str | None]:
     try:
         if not ext.available():
             return None, ext.unavailable_reason() or "kdforge._ext reports it is unavailable"
+        if device_type == "cuda" and hasattr(ext, "cuda_available") and not ext.cuda_available():
+            why = getattr(ext, "cuda_unavailable_reason", lambda: None)() or "it was compiled without CUDA kernels"
+            return None, f"kdforge._C has no CUDA kernels ({why})"
     except Exception as exc:  # noqa: BLE001
         return None, f"kdforge._ext.available() failed ({type(exc).__name__}: {exc})"
     return ext, None
 
 
-def ext_reason() -> str | None:
-    """None if the compiled extension can run, else why not."""
-    return _ext_module()[1]
+def ext_reason(device_type: str = "cpu") -> str | None:
+    """None if the compiled extension can run on ``device_type`` tensors, else why not."""
+    return _ext_module(device_type)[1]
 
 
-def ext_module() -> Any:
+def ext_module(device_type: str = "cpu") -> Any:
     """kdforge._ext, or BackendUnavailable saying how to build it."""
-    ext, reason = _ext_module()
+    ext, reason = _ext_module(device_type)
     if ext is None:
         raise BackendUnavailable(f"kdforge._C is not built: {reason}. {EXT_BUILD_HINT}")
     return ext
+
+
+def ext_for_call() -> Any:
+    """kdforge._ext after :func:`resolve` chose "ext" (it imported and checked the module already).
+
+    A plain sys.modules lookup, which torch.compile can trace (importlib calls it cannot).
+    """
+    ext = sys.modules.get("kdforge._ext")
+    return ext if ext is not None else ext_module()
 
 
 def xformers_reason() -> str | None:
@@ -111,10 +124,19 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend ``op`` runs with for a requested ``backend`` and the inputs' ``device``.
 
     Explicit requests are honoured or refused with BackendUnavailable (never silently replaced); ``auto`` picks
-    the fastest backend that can run here and never the Triton interpreter.
+    the fastest backend that can run here and never the Triton interpreter. Under torch.compile the choice is
+    made once at trace time and baked into the graph as a constant.
     """
+    return _resolve(op, backend, device.type)
+
+
+# torch.compile evaluates the choice while tracing instead of tracing into imports and availability probes.
+_constant_under_compile = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+
+
+@_constant_under_compile
+def _resolve(op: str, backend: str, dev: str) -> str:
     check_backend_name(op, backend)
-    dev = device.type
     if backend == "reference":
         return "reference"
     if backend == "auto":
@@ -122,7 +144,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
             return "triton"
         if op == "attention":
             return "sdpa"
-        if ext_reason() is None:
+        if ext_reason(dev) is None:
             return "ext"
         return "reference"
     if backend == "triton":
@@ -136,7 +158,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
                 "attention: backend='ext' does not exist: kdforge._C has no compiled attention kernel. Use "
                 "backend='triton' (CUDA), 'sdpa', 'xformers' or 'reference'"
             )
-        ext_module()  # raises with the build hint
+        ext_module(dev)  # raises with the build hint
         return "ext"
     if backend == "xformers":
         reason = xformers_reason()
@@ -155,7 +177,7 @@ def available_backends() -> dict[str, dict[str, str | None]]:
     """
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     triton = triton_reason(dev)
-    ext = ext_reason()
+    ext = ext_reason(dev)
     ext_msg = None if ext is None else f"kdforge._C is not built: {ext}. {EXT_BUILD_HINT}"
     table: dict[str, dict[str, str | None]] = {}
     for op in OPS:

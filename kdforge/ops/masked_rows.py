@@ -110,7 +110,7 @@ def masked_gather(x: Tensor, mask: Tensor, *, backend: str = "auto") -> Tensor:
     if chosen == "reference":
         return reference.masked_gather(x, mask)
     if chosen == "ext":
-        return _dispatch.ext_module().masked_gather(x, mask)
+        return _dispatch.ext_for_call().masked_gather(x, mask)
     return torch.ops.kdforge_triton.masked_gather(x, mask)
 
 
@@ -142,5 +142,5 @@ def masked_scatter(rows: Tensor, mask: Tensor, out: Tensor, *, backend: str = "a
     if chosen == "reference":
         return reference.masked_scatter(rows, mask, out)
     if chosen == "ext":
-        return _dispatch.ext_module().masked_scatter(rows, mask, out)
+        return _dispatch.ext_for_call().masked_scatter(rows, mask, out)
     return torch.ops.kdforge_triton.masked_merge(rows, mask, out, list(out.shape), out.dtype)

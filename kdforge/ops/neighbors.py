@@ -97,7 +97,7 @@ def knn(
     if chosen == "reference":
         return reference.knn(queries, gallery, k, metric=metric, chunk_size=chunk_size)
     if chosen == "ext":
-        return _dispatch.ext_module().knn(queries, gallery, k, metric=metric, chunk_size=chunk_size)
+        return _dispatch.ext_for_call().knn(queries, gallery, k, metric=metric, chunk_size=chunk_size)
 
     from kdforge.kernels import knn as kernels
 

@@ -128,7 +128,7 @@ def whitened_loss(
     if chosen == "reference":
         return reference.whitened_loss(student, teacher, **kwargs)
     if chosen == "ext":
-        return _dispatch.ext_module().whitened_loss(student, teacher, **kwargs)
+        return _dispatch.ext_for_call().whitened_loss(student, teacher, **kwargs)
     from kdforge.kernels.whitened_loss import MAX_D
 
     if dim > MAX_D:

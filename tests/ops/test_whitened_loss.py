@@ -216,11 +216,12 @@ def test_opcheck_custom_op(gen):
     torch.library.opcheck(op, (student.detach(), teacher, None, "mse", 2.0, False, 1e-5, "none", False))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
 def test_torch_compile_fullgraph(gen, backend):
     """torch.compile(fullgraph=True) traces whitened_loss forward and backward: the pure-torch reference path,
-    and the Triton custom op through its fake implementation and registered autograd. The aot_eager backend
-    runs dynamo + AOTAutograd without code generation (no C++ compiler needed on CPU)."""
+    the Triton custom op through its fake implementation and registered autograd, and "auto" (the backend choice
+    is a trace-time constant; on this CPU it is the compiled extension where built, else the reference). The
+    aot_eager backend runs dynamo + AOTAutograd without code generation (no C++ compiler needed on CPU)."""
     student, teacher = _inputs(gen, rows=8, dim=16)
     index = torch.tensor([0, 3, 5], device=DEVICE)
 
