@@ -74,8 +74,8 @@ class BlockMasker(Masker):
     from [min_ratio, max_ratio] and rectangles (area >= ``min_block_patches``, aspect ratio log-uniform in
     [min_aspect, 1 / min_aspect]) are added at random places until the target count is reached.
 
-    A rectangle is accepted only if it adds at least one new patch and no more than the count still missing, so a
-    mask never exceeds its target; after ``max_attempts`` rejected rectangles in a row the image keeps what it has
+    A rectangle is accepted only if it has at least ``min_block_patches`` patches and adds at least one new patch
+    and no more than the count still missing, so a mask never exceeds its target; after ``max_attempts`` rejected rectangles in a row the image keeps what it has
     (on small grids the count can fall a little short of the target).
     """
 
@@ -146,7 +146,8 @@ class BlockMasker(Masker):
             left = int(rand() * (gw - w + 1))
             block = mask[top : top + h, left : left + w]
             new = h * w - int(block.sum())
-            if 0 < new <= missing:
+            # rounding or a narrow grid can shrink a rectangle below the minimum: such a one is rejected too
+            if h * w >= cfg.min_block_patches and 0 < new <= missing:
                 block[...] = True
                 count += new
                 misses = 0

@@ -141,8 +141,9 @@ def resize_patches(patches: Tensor, from_grid: tuple[int, int], to_grid: tuple[i
         return patches
     b, _, d = patches.shape
     grid = patches.transpose(1, 2).reshape(b, d, from_grid[0], from_grid[1])
-    # interpolate wants float; keep the caller's dtype for the result (bf16 tokens under autocast)
-    out = F.interpolate(grid.float(), size=to_grid, mode="bilinear", align_corners=False).to(patches.dtype)
+    # half precision is interpolated in float32 and cast back (bf16 tokens under autocast); float64 stays float64
+    work = grid.float() if grid.dtype in (torch.float16, torch.bfloat16) else grid
+    out = F.interpolate(work, size=to_grid, mode="bilinear", align_corners=False).to(patches.dtype)
     return out.flatten(2).transpose(1, 2)
 
 

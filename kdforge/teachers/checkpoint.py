@@ -39,12 +39,12 @@ def read_state_dict(path: str, *, key: str = "", trust_pickle: bool = False, whe
             "(download it first on a machine with network access), or remove the key to skip loading weights."
         )
     if path.endswith(".safetensors"):
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             obj: Any = load_file(path, device="cpu")
-        except (SafetensorsError, OSError) as exc:
+        except (SafetensorError, OSError) as exc:
             raise KdforgeError(f"{where} = '{path}' is not a readable .safetensors file: {exc}") from exc
     else:
         try:
