@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -35,3 +36,9 @@ def upcast_dot(*tensors: torch.Tensor) -> bool:
     """True where tl.dot operands must be cast to fp32 first: bfloat16 under the interpreter, whose numpy
     arithmetic has no bfloat16 matrix product (compiled kernels keep bf16 operands and fp32 accumulation)."""
     return INTERPRET and any(t.dtype == torch.bfloat16 for t in tensors)
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current device for a launch: Triton launches on the current device, not the
+    tensor's (matters when tensors live on another GPU than the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

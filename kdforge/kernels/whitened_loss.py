@@ -93,9 +93,17 @@ def _whitened_loss_kernel(
 
 
 def _prune(configs, named_args, **kwargs):
-    # Keep the register tile between 1K and 16K fp32 values per program (BLOCK_R rows of BLOCK_D columns).
+    # Register tile of BLOCK_R rows x BLOCK_D columns: 1K..16K fp32 values per program (narrow rows: as many rows
+    # as the largest BLOCK_R); 16 warps only for rows of 4K+ elements.
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = [c for c in configs if 1024 <= c.kwargs["BLOCK_R"] * block_d <= 16384]
+    most_rows = max(c.kwargs["BLOCK_R"] for c in configs)
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_R"] * block_d <= 16384
+        and (c.kwargs["BLOCK_R"] * block_d >= 1024 or c.kwargs["BLOCK_R"] == most_rows)
+        and (c.num_warps < 16 or block_d >= 4096)
+    ]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_R"])]
 
 

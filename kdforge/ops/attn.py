@@ -26,9 +26,11 @@ def _bias4(bias: Optional[Tensor]) -> Optional[Tensor]:
 @torch.library.custom_op("kdforge_triton::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     """q, k, v: Tensor[B, H, N, d]; bias broadcastable to [B, H, N, N] -> (out [B, H, N, d], lse [B, H, N] fp32)."""
+    from kdforge.kernels._common import device_guard
     from kdforge.kernels.attention import attention_fwd
 
-    return attention_fwd(q, k, v, _bias4(bias), scale)
+    with device_guard(q):
+        return attention_fwd(q, k, v, _bias4(bias), scale)
 
 
 @_attention_fwd.register_fake
@@ -50,9 +52,13 @@ def _attention_bwd(
     need_dbias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias) of attention_fwd; dbias has bias's shape (empty [0] when not needed)."""
+    from kdforge.kernels._common import device_guard
     from kdforge.kernels.attention import attention_bwd
 
-    dq, dk, dv, dbias = attention_bwd(grad_out, q, k, v, _bias4(bias), out, lse, scale, need_dbias and bias is not None)
+    with device_guard(q):
+        dq, dk, dv, dbias = attention_bwd(
+            grad_out, q, k, v, _bias4(bias), out, lse, scale, need_dbias and bias is not None
+        )
     if dbias is None:
         dbias = q.new_empty((0,))
     else:

@@ -20,10 +20,12 @@ from kdforge.ops import _checks, _dispatch, reference
 @torch.library.custom_op("kdforge_triton::masked_gather", mutates_args=())
 def _gather_triton(x: Tensor, mask: Tensor) -> Tensor:
     """x: Tensor[..., D], mask: BoolTensor[...] -> Tensor[M, D]."""
+    from kdforge.kernels._common import device_guard
     from kdforge.kernels.masked_rows import gather_rows
 
     dim = x.shape[-1]
-    return gather_rows(x.reshape(-1, dim), mask.reshape(-1))
+    with device_guard(x):
+        return gather_rows(x.reshape(-1, dim), mask.reshape(-1))
 
 
 @_gather_triton.register_fake
@@ -37,16 +39,18 @@ def _merge_triton(
     rows: Optional[Tensor], mask: Tensor, out: Optional[Tensor], shape: list[int], dtype: torch.dtype
 ) -> Tensor:
     """new = out (zeros if None) with its masked rows replaced by rows (zeros if None); new: Tensor[shape]."""
+    from kdforge.kernels._common import device_guard
     from kdforge.kernels.masked_rows import merge_rows
 
     dim = shape[-1]
-    new = merge_rows(
-        rows,
-        mask.reshape(-1),
-        out.reshape(-1, dim) if out is not None else None,
-        dim=dim,
-        dtype=dtype,
-    )
+    with device_guard(mask):
+        new = merge_rows(
+            rows,
+            mask.reshape(-1),
+            out.reshape(-1, dim) if out is not None else None,
+            dim=dim,
+            dtype=dtype,
+        )
     return new.reshape(shape)
 
 

@@ -23,9 +23,11 @@ KEYS_BUDGET_BYTES = 1 << 30
 @torch.library.custom_op("kdforge_triton::knn_keys", mutates_args=())
 def _knn_keys(queries: Tensor, gallery: Tensor, k: int, metric: str, index_offset: int) -> Tensor:
     """queries: Tensor[Q, D], gallery: Tensor[C, D] -> LongTensor[Q, min(k, C)] packed keys, best first."""
+    from kdforge.kernels._common import device_guard
     from kdforge.kernels.knn import chunk_keys
 
-    return chunk_keys(queries, gallery, k, metric, index_offset)
+    with device_guard(queries):
+        return chunk_keys(queries, gallery, k, metric, index_offset)
 
 
 @_knn_keys.register_fake
@@ -100,6 +102,7 @@ def knn(
         return _dispatch.ext_for_call().knn(queries, gallery, k, metric=metric, chunk_size=chunk_size)
 
     from kdforge.kernels import knn as kernels
+    from kdforge.kernels._common import device_guard
 
     if k > kernels.MAX_K:
         raise ValueError(f"{op}: the triton backend takes k <= {kernels.MAX_K}, got k={k}; use backend='reference'")
@@ -117,13 +120,14 @@ def knn(
             chunk_size = 1 << 22
         else:
             chunk_size = max(k, STREAM_CHUNK_BYTES // (dim * queries.element_size()))
-    if resident:
-        chunks = ((s, gallery[s : s + chunk_size].to(queries.dtype)) for s in range(0, n_g, chunk_size))
-    else:
-        chunks = kernels.stream_chunks(gallery, chunk_size, device, queries.dtype)
-    keys = None
-    for offset, chunk in chunks:
-        new = torch.ops.kdforge_triton.knn_keys(queries, chunk, k, metric, offset)
-        keys = kernels.merge_keys(keys, new, k)
-    q_sq = queries.float().square().sum(dim=1) if metric == "l2" else None
-    return kernels.decode_keys(keys, metric, q_sq)
+    with device_guard(queries):  # the copy stream and events belong to the queries' GPU
+        if resident:
+            chunks = ((s, gallery[s : s + chunk_size].to(queries.dtype)) for s in range(0, n_g, chunk_size))
+        else:
+            chunks = kernels.stream_chunks(gallery, chunk_size, device, queries.dtype)
+        keys = None
+        for offset, chunk in chunks:
+            new = torch.ops.kdforge_triton.knn_keys(queries, chunk, k, metric, offset)
+            keys = kernels.merge_keys(keys, new, k)
+        q_sq = queries.float().square().sum(dim=1) if metric == "l2" else None
+        return kernels.decode_keys(keys, metric, q_sq)

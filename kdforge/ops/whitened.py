@@ -32,11 +32,14 @@ def _whitened_loss_triton(
     need_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """student, teacher: Tensor[R, D]; index: LongTensor[M] or None -> (loss, dloss/dstudent Tensor[R, D] or [0])."""
+    from kdforge.kernels._common import device_guard
     from kdforge.kernels.whitened_loss import whitened_loss_fwd
 
-    return whitened_loss_fwd(
-        student, teacher, index, loss=loss, beta=beta, whiten=whiten, eps=eps, reduction=reduction, need_grad=need_grad
-    )
+    with device_guard(student):
+        return whitened_loss_fwd(
+            student, teacher, index, loss=loss, beta=beta, whiten=whiten, eps=eps, reduction=reduction,
+            need_grad=need_grad,
+        )  # fmt: skip
 
 
 @_whitened_loss_triton.register_fake
