@@ -1,0 +1,148 @@
+"""The compiled extension kdforge._C on the CPU against what a user would run instead (issue 4 goals, 2 cores):
+
+- whitened_loss forward + backward, fp32, rows x D = [16*257, 384] and [64*257, 768], against torch eager
+  (F.layer_norm + F.smooth_l1_loss + backward). Goal: speedup >= 4.
+- knn, fp32, Q = 10^3, G = 10^6, D = 384, k = 100, inner product, against faiss-cpu IndexFlatIP (the index is
+  built outside the timed region). Goal: speedup >= 0.8, with the same neighbours up to ties (checked).
+
+Both sides run on 2 threads (torch.set_num_threads(2), faiss.omp_set_num_threads(2)). The goal sizes need
+``KDFORGE_BENCH_QUICK=0`` on a CPU machine (quick mode, the CPU default, uses small sizes so CI runs this file in
+seconds):
+
+    KDFORGE_BENCH_QUICK=0 python -m pytest benchmarks/test_bench_ext.py -q
+
+The table at the end lists each ext record with ``speedup`` over its anchor (eager, or faiss).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import measure, pick
+from kdforge import _ext
+
+THREADS = 2
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"kdforge._C is not available: {_ext.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+CPU = torch.device("cpu")
+LOSS_SHAPES = pick(quick=[(2 * 257, 384), (4 * 257, 768)], full=[(16 * 257, 384), (64 * 257, 768)], device=CPU)
+
+
+@pytest.mark.parametrize("rows, dim", LOSS_SHAPES, ids=[f"{r}x{d}" for r, d in LOSS_SHAPES])
+@pytest.mark.parametrize("impl", ["eager", "ext"])
+def test_whitened_loss_fwd_bwd_cpu(benchmark, rows, dim, impl):
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(rows, dim, generator=g).requires_grad_()
+    teacher = torch.randn(rows, dim, generator=g) * 2 + 3
+
+    if impl == "eager":
+        def step():
+            loss = F.smooth_l1_loss(student, F.layer_norm(teacher, (dim,), eps=1e-5), beta=2.0)
+            loss.backward()
+            student.grad = None
+    else:
+        def step():
+            _ext.whitened_loss(student, teacher, beta=2.0).backward()
+            student.grad = None
+
+    # The two must agree before either is timed.
+    ref = F.smooth_l1_loss(student, F.layer_norm(teacher, (dim,), eps=1e-5), beta=2.0)
+    torch.testing.assert_close(_ext.whitened_loss(student, teacher, beta=2.0), ref, rtol=1e-5, atol=1e-7)
+
+    n = rows * dim
+    measure(
+        benchmark,
+        step,
+        device=CPU,
+        label=f"whitened_loss_fwd_bwd/{impl}/fp32/{rows}x{dim}",
+        group=f"whitened_loss_cpu_{rows}x{dim}",
+        # Least traffic of a fused kernel: read student and teacher, write the gradient once.
+        bytes_moved=3 * 4 * n,
+        anchor=None if impl == "eager" else f"whitened_loss_fwd_bwd/eager/fp32/{rows}x{dim}",
+        rounds=pick(5, 21, CPU),
+        warmup=pick(1, 3, CPU),
+        params={"rows": rows, "dim": dim, "threads": THREADS},
+    )
+
+
+KNN = pick(quick=dict(q=100, g=20_000, d=384, k=100), full=dict(q=1_000, g=1_000_000, d=384, k=100), device=CPU)
+
+
+@pytest.fixture(scope="module")
+def knn_data():
+    g = torch.Generator().manual_seed(0)
+    queries = F.normalize(torch.randn(KNN["q"], KNN["d"], generator=g), dim=1)
+    gallery = F.normalize(torch.randn(KNN["g"], KNN["d"], generator=g), dim=1)
+    return queries, gallery
+
+
+def _same_neighbours_up_to_ties(scores, idx, ref_scores, ref_idx, tol=1e-4):
+    torch.testing.assert_close(scores.double(), ref_scores.double(), rtol=0, atol=tol)
+    for q in range(scores.shape[0]):
+        kth = float(ref_scores[q, -1])
+        ours = {int(i) for s, i in zip(scores[q], idx[q]) if s > kth + tol}
+        theirs = {int(i) for s, i in zip(ref_scores[q], ref_idx[q]) if s > kth + tol}
+        assert ours == theirs, f"query {q}: neighbours differ beyond ties: {sorted(ours ^ theirs)[:10]}"
+
+
+@pytest.fixture(scope="module")
+def faiss_index(knn_data):
+    """faiss-cpu IndexFlatIP over the gallery, built once and outside every timed region."""
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
+    faiss.omp_set_num_threads(THREADS)
+    index = faiss.IndexFlatIP(KNN["d"])
+    index.add(knn_data[1].numpy())
+    return index
+
+
+_FAISS_RESULT: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def test_knn_faiss_cpu(benchmark, knn_data, faiss_index):
+    q = knn_data[0].numpy()
+    _FAISS_RESULT["ip"] = _run_knn(benchmark, "faiss_cpu_flatip", lambda: faiss_index.search(q, KNN["k"]))
+
+
+def test_knn_ext(benchmark, knn_data, faiss_index):
+    queries, gallery = knn_data
+    scores, idx = _run_knn(benchmark, "ext", lambda: _ext.knn(queries, gallery, KNN["k"], metric="ip"))
+    if "ip" not in _FAISS_RESULT:  # run alone: search once more, untimed
+        f_scores, f_idx = faiss_index.search(queries.numpy(), KNN["k"])
+        _FAISS_RESULT["ip"] = torch.from_numpy(f_scores), torch.from_numpy(f_idx)
+    _same_neighbours_up_to_ties(scores, idx, *_FAISS_RESULT["ip"])
+
+
+def _run_knn(benchmark, impl, fn):
+    q, g, d, k = KNN["q"], KNN["g"], KNN["d"], KNN["k"]
+    out = {}
+
+    def call():
+        out["result"] = fn()
+
+    measure(
+        benchmark,
+        call,
+        device=CPU,
+        label=f"knn/{impl}/fp32/Q{q}_G{g}_D{d}_k{k}",
+        group="knn_cpu",
+        flops=2.0 * q * g * d,
+        bytes_moved=4.0 * g * d,  # the gallery is read once
+        anchor=None if impl.startswith("faiss") else f"knn/faiss_cpu_flatip/fp32/Q{q}_G{g}_D{d}_k{k}",
+        rounds=pick(3, 3, CPU),
+        warmup=1,
+        params={"threads": THREADS, **KNN},
+    )
+    scores, idx = out["result"]
+    return torch.as_tensor(scores), torch.as_tensor(idx)
