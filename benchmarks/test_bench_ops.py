@@ -33,7 +33,7 @@ def _backends(op: str) -> list[str]:
     """Backends to time here: Triton on CUDA; on the CPU the reference and, where built, the extension."""
     out = ["triton"] if ON_GPU and _dispatch.triton_reason("cuda") is None else []
     out.append("reference")
-    if op != "attention" and _dispatch.ext_reason() is None:
+    if op != "attention" and _dispatch.ext_reason(DEVICE.type) is None:
         out.append("ext")
     return out
 
