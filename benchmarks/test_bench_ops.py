@@ -29,6 +29,19 @@ ON_GPU = DEVICE.type == "cuda"
 QUICK = is_quick(DEVICE)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """Quick CPU sizes are far too small to gain from intra-op threads, and on a shared 2-core machine a second
+    thread mostly waits on the scheduler (medians jump to the 16 ms time slice). One thread, restored after."""
+    if ON_GPU:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _backends(op: str) -> list[str]:
     """Backends to time here: Triton on CUDA; on the CPU the reference and, where built, the extension."""
     out = ["triton"] if ON_GPU and _dispatch.triton_reason("cuda") is None else []
