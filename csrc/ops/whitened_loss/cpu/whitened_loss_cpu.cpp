@@ -6,7 +6,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <tuple>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../../../cpu_capability.h"
 #include "../../../kdforge.h"
@@ -23,6 +28,23 @@ WhitenedDtype to_kernel_dtype(at::ScalarType t) {
     case at::kDouble: return WhitenedDtype::Double;
     default: TORCH_CHECK(false, "whitened_loss: unsupported dtype ", t);
   }
+}
+
+// Ask for transparent huge pages on a large, not yet touched output buffer. The gradient is as big as the student
+// (50 MB at 16k x 768 fp32) and written once; with 4 KiB pages that is ~12k page faults, which cost more than the
+// kernel itself on virtual machines. Best effort: a no-op where THP is off, on other systems, or for small buffers.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes < 4 * kHuge) return;
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor> whitened_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -54,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor> whitened_loss_cpu(const at::Tensor& student, 
   // The gradient has the student's shape when every row is used; with an index it holds the selected rows only
   // and the backward scatters it (duplicated rows add up).
   at::Tensor grad = index.has_value() ? at::empty({n, D}, s.options()) : at::empty_like(s);
+  advise_huge_pages(grad);
   const at::ScalarType acc = acc_dtype(s.scalar_type());
   at::Tensor row_loss = at::empty({n}, s.options().dtype(acc));
 
