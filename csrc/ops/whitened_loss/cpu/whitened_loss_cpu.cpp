@@ -37,7 +37,7 @@ void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const size_t bytes = t.nbytes();
-  if (bytes < 4 * kHuge) return;
+  if (bytes < 2 * kHuge) return;
   const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t last = (begin + bytes) & ~(kHuge - 1);

@@ -8,11 +8,14 @@
 //   ("none" keeps the per-row sums sum_j l(d_rj), with scale 1).
 //   smooth-L1 (torch's definition):  l(d) = 0.5 d^2 / beta  if |d| < beta,  else |d| - 0.5 beta
 //     dl/dd = d / beta inside, sign(d) outside. Torch tests d <= -beta first and then d >= beta, so with beta = 0
-//     and d = 0 its gradient is -1; we keep that branch order so both backends agree bit for bit on the branch.
+//     (plain L1) and d = 0 its gradient is -1; the L1 path keeps that branch order.
+//     Without branches: with m = min(|d|, beta), m (|d| - m/2) / beta is 0.5 d^2 / beta when |d| < beta (m = |d|)
+//     and |d| - beta/2 otherwise (m = beta); and d / beta clamped to [-1, 1] is the gradient of both branches.
 //   mse:  l(d) = d^2,  dl/dd = 2 d.
 // The teacher gets no gradient, so tn is a constant for the student and dloss/ds = scale * dl/dd(d): the gradient
 // is known during the forward pass. We write it once (dS) while the row is in L1 and the backward only multiplies
-// dS by grad_output (per row for "none"). One pass over memory per row instead of LayerNorm + loss + backward as separate kernels.
+// dS by grad_output (per row for "none"). One pass over memory per row instead of LayerNorm + loss + backward as
+// separate kernels.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -31,12 +34,20 @@
 #include "../../../cpu_capability.h"
 #include "whitened_loss_kernel_args.h"
 
+#if defined(__GNUC__) || defined(__clang__)
+#define KDFORGE_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define KDFORGE_PREFETCH(p) ((void)0)
+#endif
+
 namespace kdforge::cpu {
 inline namespace CPU_CAPABILITY {
 
 // Loss and gradient of one row in acc_t (float, or double for float64 inputs); returns the row's unscaled loss
 // sum accumulated in acc_t.
-template <typename acc_t, bool kSmoothL1, bool kWhiten>
+enum class RowLoss { SmoothL1, L1, Mse };
+
+template <typename acc_t, RowLoss kLoss, bool kWhiten>
 inline acc_t whitened_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t D, acc_t beta, acc_t eps,
                           acc_t grad_scale) {
   using V = at::vec::Vectorized<acc_t>;
@@ -49,6 +60,8 @@ inline acc_t whitened_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t D, a
     V a0(acc_t(0)), a1(acc_t(0));
     int64_t j = 0;
     for (; j + 2 * W <= D; j += 2 * W) {
+      // The student row is needed in the last pass; fetching it now overlaps its memory latency with this one.
+      KDFORGE_PREFETCH(s + j);
       a0 = a0 + V::loadu(t + j);
       a1 = a1 + V::loadu(t + j + W);
     }
@@ -75,45 +88,52 @@ inline acc_t whitened_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t D, a
     rstd = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(D) + eps);
   }
 
-  const V vmean(mean), vrstd(rstd), vscale(grad_scale);
-  const V vbeta(beta), vneg_beta(-beta), vhalf_beta(acc_t(0.5) * beta), vinv_beta(acc_t(1) / beta),
-      vhalf_inv_beta(acc_t(0.5) / beta), vone(acc_t(1)), vminus_one(acc_t(-1)), vtwo(acc_t(2));
+  // tn = t * rstd - mean * rstd: one fused multiply-add per vector.
+  const V vrstd(rstd), vshift(-mean * rstd), vzero(acc_t(0));
   V acc(acc_t(0));
   int64_t j = 0;
+  // Branch-free forms from the header comment, with only +, -, *, min, max and clamp: ATen's generic Vectorized
+  // (the baseline copy) implements those as plain loops the compiler vectorises, unlike abs() and blendv(). The
+  // 1 / beta of the smooth-L1 loss is applied once per row, to the sum.
+  const V vbeta(beta), vhalf(acc_t(0.5)), vscale(grad_scale), vneg_scale(-grad_scale),
+      vgrad_mul(kLoss == RowLoss::SmoothL1 ? grad_scale / beta : acc_t(2) * grad_scale);
   for (; j + W <= D; j += W) {
     V tn = V::loadu(t + j);
-    if constexpr (kWhiten) tn = (tn - vmean) * vrstd;
+    if constexpr (kWhiten) tn = at::vec::fmadd(tn, vrstd, vshift);
     const V d = V::loadu(s + j) - tn;
-    V l, dl;
-    if constexpr (kSmoothL1) {
-      const V ad = d.abs();
-      // With beta = 0 the "inside" lanes compute inf/nan but are never selected by the blends.
-      l = V::blendv(ad - vhalf_beta, d * d * vhalf_inv_beta, ad < vbeta);
-      dl = V::blendv(V::blendv(d * vinv_beta, vone, d >= vbeta), vminus_one, d <= vneg_beta);
+    V dl;
+    if constexpr (kLoss == RowLoss::SmoothL1) {
+      const V ad = at::vec::maximum(d, vzero - d);
+      const V m = at::vec::minimum(ad, vbeta);
+      acc = at::vec::fmadd(m, ad - vhalf * m, acc);
+      dl = at::vec::clamp(d * vgrad_mul, vneg_scale, vscale);
+    } else if constexpr (kLoss == RowLoss::L1) {
+      acc = acc + at::vec::maximum(d, vzero - d);
+      dl = V::blendv(vscale, vneg_scale, d <= vzero);
     } else {
-      l = d * d;
-      dl = vtwo * d;
+      acc = at::vec::fmadd(d, d, acc);
+      dl = d * vgrad_mul;
     }
-    acc = acc + l;
-    (dl * vscale).store(g + j);
+    dl.store(g + j);
   }
   acc_t total = at::vec::vec_reduce_all<acc_t>(add, acc);
   for (; j < D; ++j) {
-    const acc_t tn = kWhiten ? (t[j] - mean) * rstd : t[j];
+    const acc_t tn = kWhiten ? t[j] * rstd - mean * rstd : t[j];
     const acc_t d = s[j] - tn;
-    acc_t l, dl;
-    if constexpr (kSmoothL1) {
-      const acc_t ad = std::abs(d);
-      l = ad < beta ? acc_t(0.5) * d * d / beta : ad - acc_t(0.5) * beta;
-      dl = d <= -beta ? acc_t(-1) : (d >= beta ? acc_t(1) : d / beta);
+    const acc_t ad = std::abs(d);
+    if constexpr (kLoss == RowLoss::SmoothL1) {
+      const acc_t m = std::min(ad, beta);
+      total += m * (ad - acc_t(0.5) * m);
+      g[j] = std::min(std::max(d * (grad_scale / beta), -grad_scale), grad_scale);
+    } else if constexpr (kLoss == RowLoss::L1) {
+      total += ad;
+      g[j] = d <= acc_t(0) ? -grad_scale : grad_scale;
     } else {
-      l = d * d;
-      dl = acc_t(2) * d;
+      total += d * d;
+      g[j] = d * (acc_t(2) * grad_scale);
     }
-    total += l;
-    g[j] = dl * grad_scale;
   }
-  return total;
+  return kLoss == RowLoss::SmoothL1 ? total / beta : total;
 }
 
 using Vec = at::vec::Vectorized<float>;
@@ -142,7 +162,7 @@ inline void row_from_float(const float* src, scalar_t* dst, int64_t n) {
   for (; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
 }
 
-template <typename scalar_t, bool kSmoothL1, bool kWhiten>
+template <typename scalar_t, RowLoss kLoss, bool kWhiten>
 void whitened_rows_typed(const WhitenedRowsArgs& a, int64_t begin, int64_t end) {
   const auto* S = static_cast<const scalar_t*>(a.student);
   const auto* T = static_cast<const scalar_t*>(a.teacher);
@@ -152,7 +172,7 @@ void whitened_rows_typed(const WhitenedRowsArgs& a, int64_t begin, int64_t end) 
     auto* L = static_cast<scalar_t*>(a.row_loss);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = a.index ? a.index[i] : i;
-      L[i] = whitened_row<scalar_t, kSmoothL1, kWhiten>(S + r * D, T + r * D, G + i * D, D,
+      L[i] = whitened_row<scalar_t, kLoss, kWhiten>(S + r * D, T + r * D, G + i * D, D,
                                                          static_cast<scalar_t>(a.beta), static_cast<scalar_t>(a.eps),
                                                          static_cast<scalar_t>(a.grad_scale));
     }
@@ -167,22 +187,24 @@ void whitened_rows_typed(const WhitenedRowsArgs& a, int64_t begin, int64_t end) 
       const int64_t r = a.index ? a.index[i] : i;
       row_to_float(S + r * D, s, D);
       row_to_float(T + r * D, t, D);
-      L[i] = whitened_row<float, kSmoothL1, kWhiten>(s, t, g, D, static_cast<float>(a.beta),
+      L[i] = whitened_row<float, kLoss, kWhiten>(s, t, g, D, static_cast<float>(a.beta),
                                                      static_cast<float>(a.eps), static_cast<float>(a.grad_scale));
       row_from_float(g, G + i * D, D);
     }
   }
 }
 
+template <typename scalar_t, RowLoss kLoss>
+void whitened_rows_loss(const WhitenedRowsArgs& a, int64_t begin, int64_t end) {
+  a.whiten ? whitened_rows_typed<scalar_t, kLoss, true>(a, begin, end)
+           : whitened_rows_typed<scalar_t, kLoss, false>(a, begin, end);
+}
+
 template <typename scalar_t>
 void whitened_rows_dtype(const WhitenedRowsArgs& a, int64_t begin, int64_t end) {
-  if (a.smooth_l1) {
-    a.whiten ? whitened_rows_typed<scalar_t, true, true>(a, begin, end)
-             : whitened_rows_typed<scalar_t, true, false>(a, begin, end);
-  } else {
-    a.whiten ? whitened_rows_typed<scalar_t, false, true>(a, begin, end)
-             : whitened_rows_typed<scalar_t, false, false>(a, begin, end);
-  }
+  if (!a.smooth_l1) return whitened_rows_loss<scalar_t, RowLoss::Mse>(a, begin, end);
+  if (a.beta > 0) return whitened_rows_loss<scalar_t, RowLoss::SmoothL1>(a, begin, end);
+  return whitened_rows_loss<scalar_t, RowLoss::L1>(a, begin, end);
 }
 
 }  // namespace CPU_CAPABILITY
