@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kdforge.eval import Evaluator
 from kdforge.eval.features import extract_features
 from kdforge.eval.metrics import check_labelled, topk_accuracy
+from kdforge.ops import knn
 
 __all__ = ["KnnEvaluator", "knn_classify", "knn_predict_scores"]
 
@@ -53,7 +54,7 @@ def knn_predict_scores(
     out = []
     for start in range(0, test_features.shape[0], rows):
         query = F.normalize(test_features[start : start + rows].to(device, torch.float32), dim=1)
-        sims, idx = (query @ train.T).topk(k, dim=1)  # [c, k], best first
+        sims, idx = knn(query, train, k, metric="ip")  # [c, k], best first, streamed over the train set
         weights = (sims / temperature).exp()
         votes = torch.zeros(query.shape[0], num_classes, device=device)
         votes.scatter_add_(1, labels[idx], weights)
