@@ -52,6 +52,15 @@ inline acc_t whitened_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t D, a
                           acc_t grad_scale) {
   using V = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = V::size();
+  // |d|: one and-not in the SIMD builds; ATen's generic abs() calls a function per lane, so the baseline copy uses
+  // max(d, 0) - min(d, 0), which the compiler vectorises.
+  const auto vec_abs = [](const V& d) {
+#if defined(CPU_CAPABILITY_DEFAULT)
+    return at::vec::clamp_min(d, V(acc_t(0))) - at::vec::clamp_max(d, V(acc_t(0)));
+#else
+    return d.abs();
+#endif
+  };
   const auto add = [](V& x, V& y) { return x + y; };
   acc_t mean = 0;
   acc_t rstd = 1;
@@ -92,30 +101,37 @@ inline acc_t whitened_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t D, a
   const V vrstd(rstd), vshift(-mean * rstd), vzero(acc_t(0));
   V acc(acc_t(0));
   int64_t j = 0;
-  // Branch-free forms from the header comment, with only +, -, *, min, max and clamp: ATen's generic Vectorized
-  // (the baseline copy) implements those as plain loops the compiler vectorises, unlike abs() and blendv(). The
-  // 1 / beta of the smooth-L1 loss is applied once per row, to the sum.
+  // Branch-free forms from the header comment (min/max/clamp instead of compares and blends); the 1 / beta of
+  // the smooth-L1 loss is applied once per row, to the sum. clamp_max / clamp pass a NaN d through.
   const V vbeta(beta), vhalf(acc_t(0.5)), vscale(grad_scale), vneg_scale(-grad_scale),
       vgrad_mul(kLoss == RowLoss::SmoothL1 ? grad_scale / beta : acc_t(2) * grad_scale);
-  for (; j + W <= D; j += W) {
-    V tn = V::loadu(t + j);
+  // One element block: loss into `a`, dS stored. Two accumulators in the loop below hide the FMA latency.
+  const auto step = [&](int64_t at_j, V& a) {
+    V tn = V::loadu(t + at_j);
     if constexpr (kWhiten) tn = at::vec::fmadd(tn, vrstd, vshift);
-    const V d = V::loadu(s + j) - tn;
+    const V d = V::loadu(s + at_j) - tn;
     V dl;
     if constexpr (kLoss == RowLoss::SmoothL1) {
-      const V ad = at::vec::maximum(d, vzero - d);
-      const V m = at::vec::minimum(ad, vbeta);
-      acc = at::vec::fmadd(m, ad - vhalf * m, acc);
+      const V ad = vec_abs(d);
+      const V m = at::vec::clamp_max(ad, vbeta);
+      a = at::vec::fmadd(m, ad - vhalf * m, a);
       dl = at::vec::clamp(d * vgrad_mul, vneg_scale, vscale);
     } else if constexpr (kLoss == RowLoss::L1) {
-      acc = acc + at::vec::maximum(d, vzero - d);
+      a = a + vec_abs(d);
       dl = V::blendv(vscale, vneg_scale, d <= vzero);
     } else {
-      acc = at::vec::fmadd(d, d, acc);
+      a = at::vec::fmadd(d, d, a);
       dl = d * vgrad_mul;
     }
-    dl.store(g + j);
+    dl.store(g + at_j);
+  };
+  V acc2(acc_t(0));
+  for (; j + 2 * W <= D; j += 2 * W) {
+    step(j, acc);
+    step(j + W, acc2);
   }
+  for (; j + W <= D; j += W) step(j, acc);
+  acc = acc + acc2;
   acc_t total = at::vec::vec_reduce_all<acc_t>(add, acc);
   for (; j < D; ++j) {
     const acc_t tn = kWhiten ? t[j] * rstd - mean * rstd : t[j];
