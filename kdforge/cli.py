@@ -92,7 +92,13 @@ def cmd_info(args) -> int:
     print(f"kdforge {kdforge.__version__}, torch {torch.__version__} (CUDA build {torch.version.cuda}), "
           f"python {sys.version.split()[0]}")
     print(f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}")
+    from kdforge import _ext
     from kdforge.ops import available_backends
+
+    info = _ext.build_info() if _ext.available() else {"status": _ext.unavailable_reason()}
+    print("compiled extension kdforge._C: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    if _ext.available() and _ext.cuda_unavailable_reason():
+        print(f"  CUDA kernels: {_ext.cuda_unavailable_reason()}")
 
     print("op backends (ok, or why not):")
     for op, backends in available_backends().items():

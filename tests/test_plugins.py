@@ -166,3 +166,11 @@ def test_installed_example_package_is_used_from_a_recipe(tmp_path):
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "loss/cos" in summary["final_metrics"]
+
+
+def test_cli_info_reports_every_op_backend():
+    out = subprocess.run([sys.executable, "-m", "kdforge.cli", "info"], capture_output=True, text=True, check=True)
+    assert "compiled extension kdforge._C:" in out.stdout
+    for op in ("whitened_loss", "masked_gather", "masked_scatter", "attention", "knn"):
+        assert any(line.split()[:1] == [op] for line in out.stdout.splitlines()), op
+    assert "reference  ok" in out.stdout
