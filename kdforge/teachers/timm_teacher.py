@@ -18,6 +18,8 @@ from kdforge.teachers.timm_utils import (
     create_timm_model,
     model_mean_std,
     model_patch_size,
+    norm_after_pool,
+    pool_patches,
     probe_grid,
     split_tokens,
 )
@@ -101,12 +103,14 @@ class TimmBackedTeacher(Teacher):
             output_fmt="NLC",
         )
         cls, patches, grid = split_tokens(self.model, final, (h, w), model_name=self.model_name)
+        fc_norm = self.model.fc_norm if self.cfg.hidden_norm and norm_after_pool(self.model) else None
         hidden = []
         for item in inter:
             spatial, prefix = item if isinstance(item, tuple) else (item, None)
             has_cls = prefix is not None and bool(getattr(self.model, "has_class_token", True))
-            first = prefix[:, :1] if has_cls else spatial.mean(dim=1, keepdim=True)
-            hidden.append(torch.cat([first, spatial], dim=1))
+            first = prefix[:, :1] if has_cls else pool_patches(self.model, spatial).unsqueeze(1)
+            tokens = torch.cat([first, spatial], dim=1)
+            hidden.append(fc_norm(tokens) if fc_norm is not None else tokens)  # the norm forward_intermediates skips
         return TeacherOutput(cls=cls, patches=patches, grid=grid, hidden=hidden)
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "model_patch_size",
     "check_input_size",
     "split_tokens",
+    "pool_patches",
 ]
 
 
@@ -94,8 +95,9 @@ def split_tokens(model: nn.Module, y: Tensor, image_hw: tuple[int, int], *, mode
     """Split a timm ``forward_features`` output into (cls Tensor[B, D], patches Tensor[B, N, D], (gh, gw)).
 
     Token outputs Tensor[B, P + N, D] (P = ``num_prefix_tokens``: CLS, then registers) keep the CLS and drop the
-    registers; models without a CLS token (and feature maps, NCHW or NHWC per ``model.output_fmt``) get the mean
-    patch token as their CLS.
+    registers; models without a CLS token get their own global pooling of the patch tokens (:func:`pool_patches`)
+    as their CLS, feature maps (NCHW or NHWC per ``model.output_fmt``) the mean patch token. Models whose final
+    norm follows the pooling (``fc_norm``) give their pre-logits feature as CLS and fc_norm-ed patch tokens.
     """
     if y.ndim == 4:
         if str(getattr(model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC"):
@@ -122,8 +124,33 @@ def split_tokens(model: nn.Module, y: Tensor, image_hw: tuple[int, int], *, mode
             f"{model_name}: expected {grid[0]}x{grid[1]} = {grid[0] * grid[1]} patch tokens after {num_prefix} prefix "
             f"token(s), got {patches.shape[1]}; this timm model's tokens do not map onto its patch grid"
         )
-    cls = y[:, 0] if has_cls else patches.mean(dim=1)
+    if norm_after_pool(model):
+        # the final norm follows the pooling (fc_norm): the model's global feature is its pooled, normed vector and
+        # its tokens are normed by that same layer, so that both are "after the final norm" like any other ViT's
+        return model.forward_head(y, pre_logits=True), model.fc_norm(patches), grid
+    cls = y[:, 0] if has_cls else pool_patches(model, patches)
     return cls, patches, grid
+
+
+def norm_after_pool(model: nn.Module) -> bool:
+    """True for timm ViTs built with ``fc_norm`` (global_pool avg / max): ``norm`` is an Identity and the final
+    LayerNorm is applied after pooling, so ``forward_features`` returns un-normalised tokens."""
+    fc_norm, norm = getattr(model, "fc_norm", None), getattr(model, "norm", None)
+    return (
+        isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity)
+        and isinstance(norm, nn.Identity) and hasattr(model, "forward_head")
+    )
+
+
+def pool_patches(model: nn.Module, patches: Tensor) -> Tensor:
+    """The global feature of a model without a CLS token: its own ``global_pool`` ("max", "avgmax") over the patch
+    tokens, else their mean. Tensor[B, N, D] -> Tensor[B, D]."""
+    pool = getattr(model, "global_pool", "avg")
+    if pool == "max":
+        return patches.amax(dim=1)
+    if pool == "avgmax":
+        return 0.5 * (patches.mean(dim=1) + patches.amax(dim=1))
+    return patches.mean(dim=1)
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ from kdforge.errors import KdforgeError, RecipeError, ShapeError
 from kdforge.plugins import create, get_registry
 from kdforge.teachers import Teacher, TeacherOutput
 from kdforge.teachers.hub import TorchHubTeacher
-from kdforge.teachers.timm_teacher import TimmTeacher
 from model_helpers import TINY_MODEL, TINY_VIT
 
 
@@ -48,8 +47,29 @@ def test_timm_teacher_output_contract(kwargs, prefix):
     # the tokens are the model's own, prefix tokens (CLS, registers) split off
     with torch.no_grad():
         ref = t.model.forward_features((x - t.mean) / t.std)
-    torch.testing.assert_close(out.patches, ref[:, prefix:])
-    torch.testing.assert_close(out.cls, ref[:, 0] if prefix else ref.mean(dim=1))
+    if prefix:
+        torch.testing.assert_close(out.patches, ref[:, prefix:])
+        torch.testing.assert_close(out.cls, ref[:, 0])
+    else:  # global_pool "avg" puts timm's final norm after the pooling (fc_norm): applied to every token here
+        torch.testing.assert_close(out.patches, t.model.fc_norm(ref))
+        torch.testing.assert_close(out.cls, t.model.fc_norm(ref.mean(dim=1)))
+
+
+@pytest.mark.parametrize("fc_norm", [False, None], ids=["norm-then-pool", "pool-then-norm"])
+def test_teacher_without_cls_token_uses_the_model_pooling(fc_norm):
+    """Without a CLS token the teacher's cls is the model's own global pooling: what its classifier would read."""
+    t = _timm_teacher(model_kwargs={**TINY_VIT, "class_token": False, "global_pool": "max", "fc_norm": fc_norm},
+                      hidden_layers=1)
+    x = _images()
+    out = t(x)
+    with torch.no_grad():
+        pre_logits = t.model.forward_head(t.model.forward_features((x - t.mean) / t.std), pre_logits=True)
+    torch.testing.assert_close(out.cls, pre_logits)
+    if fc_norm is False:
+        torch.testing.assert_close(out.cls, out.patches.amax(dim=1))
+    # either way the patch tokens are layer-normalised, and the last hidden output is the final output
+    torch.testing.assert_close(out.patches.mean(-1), torch.zeros(2, 16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.hidden[-1], torch.cat([out.cls[:, None], out.patches], dim=1))
 
 
 def test_teacher_normalises_its_input_with_the_model_statistics():
