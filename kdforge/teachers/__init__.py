@@ -54,7 +54,10 @@ def to_plain_float(t: Tensor) -> Tensor:
 
 
 def autocast_context(device_type: str, autocast: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``autocast`` in {"bf16", "fp16"}, a no-op for "none"."""
+    """``torch.autocast`` for ``autocast`` in {"bf16", "fp16"}, a no-op for "none"; "auto" is "bf16" on CUDA and
+    "none" elsewhere (CPUs without bf16 units emulate it, several times slower than float32)."""
+    if autocast == "auto":
+        autocast = "bf16" if device_type == "cuda" else "none"
     if autocast == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=_AUTOCAST_DTYPES[autocast])
@@ -68,8 +71,8 @@ class Teacher(nn.Module):
 
     @dataclasses.dataclass
     class Config:
-        autocast: Literal["bf16", "fp16", "none"] = "bf16"
-        """Mixed precision for the teacher's forward (on the input's device type); outputs are float32 either way."""
+        autocast: Literal["auto", "bf16", "fp16", "none"] = "auto"
+        """Mixed precision of the teacher's forward: auto is bf16 on CUDA, none elsewhere; outputs are float32."""
         hidden_layers: int = 0
         """How many of the last blocks' outputs to return in TeacherOutput.hidden (0: none)."""
 

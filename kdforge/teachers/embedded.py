@@ -113,8 +113,6 @@ class EmbeddedTeacher(TimmBackedTeacher):
 
     @dataclasses.dataclass
     class Config(Teacher.Config):
-        autocast: Literal["bf16", "fp16", "none"] = "none"
-        """Mixed precision for the teacher's forward; "none" because this teacher is small and often on a CPU."""
         model: str = "vit_tiny_patch16_224"
         """timm model name of the teacher (model_kwargs shrink it)."""
         # The default has no CLS token: it max-pools the patch tokens, then normalises (timm's fc_norm). The
