@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -207,6 +208,11 @@ class EmbeddedTeacher(TimmBackedTeacher):
                 _check_labels(train_y, num_classes, "train")
                 _check_labels(val_y, num_classes, "val")
                 device = _training_device(cfg.device)
+                if cfg.progress:
+                    from tqdm.auto import tqdm
+
+                    tqdm.write(f"kdforge: first use of this embedded teacher: training it on "
+                               f"'{cfg.data.get('plugin')}' ({len(train_y)} images, {device}); cached as {path}")
                 result = train_classifier(
                     model, train_x, train_y, val_x, val_y, cfg=cfg, mean=mean, std=std, device=device
                 )
@@ -258,7 +264,8 @@ def cache_key(cfg) -> str:
 def cache_file(cfg) -> Path:
     """Where the teacher trained with ``cfg`` is kept: <cache_dir>/teachers/embedded-<model>-<key>.safetensors."""
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    return root / "teachers" / f"embedded-{cfg.model}-{cache_key(cfg)}.safetensors"
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.model)  # "hf-hub:org/name" must not become a directory
+    return root / "teachers" / f"embedded-{model}-{cache_key(cfg)}.safetensors"
 
 
 @contextlib.contextmanager
