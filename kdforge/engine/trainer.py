@@ -9,6 +9,7 @@ seeded per (epoch, item) and per step, so they do not depend on how the run was 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -171,10 +172,11 @@ class Trainer:
                               "recipe has no [masker] table: add [masker] plugin = \"random\" (or \"block\")")
         size = (r.augment.image_size, r.augment.image_size)
         self.grid = self.student.grid(size)
+        self.teacher_grid = tuple(self.teacher.grid(size))
         if needs_patches:
             from kdforge.students import check_grids
 
-            check_grids(self.teacher, self.student, size, resize=False)
+            check_grids(self.teacher, self.student, size, resize=r.train.resize_teacher_grid)
         self.model = DistillModule(self.student, losses, weights).to(self.device)
 
         self.batches_per_epoch = per_rank // r.train.batch_size
@@ -352,6 +354,11 @@ class Trainer:
     def forward_backward(self, batch: dict, *, micro_index: int = 0, scale: float = 1.0) -> tuple[float, dict]:
         images = batch["image"].to(self.device, non_blocking=True)
         teacher_out = self.teacher(images)  # frozen: eval mode, inference mode and autocast live in the teacher
+        if self.teacher_grid != tuple(self.grid):  # train.resize_teacher_grid (checked at start-up): once per batch
+            from kdforge.students import resize_patches
+
+            teacher_out = dataclasses.replace(
+                teacher_out, patches=resize_patches(teacher_out.patches, self.teacher_grid, self.grid), grid=self.grid)
         mask = None
         if self.masker is not None:
             g = torch.Generator().manual_seed(

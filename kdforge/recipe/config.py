@@ -69,6 +69,8 @@ class TrainConfig:
     """Fail when more than this fraction of images could not be read."""
     compile: bool = False
     """torch.compile the student."""
+    resize_teacher_grid: bool = False
+    """Resample the teacher's patch tokens bilinearly onto the student's grid when their patch grids differ."""
 
 
 @dataclasses.dataclass

@@ -121,7 +121,7 @@ def check_grids(teacher, student, image_size, resize: bool) -> tuple[tuple[int, 
         raise ShapeError(
             f"teacher {t_name} gives a {t_grid[0]}x{t_grid[1]} patch grid at {px} (patch {tp}) but student {s_name} "
             f"gives {s_grid[0]}x{s_grid[1]} (patch {sp}): use a student with patch size {tp}, set "
-            f"student.model_kwargs.patch_size = {tp}, or set loss.resize_teacher_grid = true"
+            f"student.model_kwargs.patch_size = {tp}, or set train.resize_teacher_grid = true"
         )
     return t_grid, s_grid
 

@@ -148,3 +148,14 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["global_batch"] == 8 and summary["steps"] == 6
     assert_same_weights(weights(ddp), weights(single), exact=False)
+
+
+def test_grid_mismatch_fails_at_start_up_unless_resize_is_allowed(tmp_path):
+    from kdforge.errors import ShapeError
+
+    mismatch = ["teacher.model_kwargs={img_size = 16, patch_size = 8, embed_dim = 32, depth = 1, num_heads = 2}"]
+    with pytest.raises(ShapeError, match="train.resize_teacher_grid = true"):
+        Trainer(load_recipe(TINY, overrides=mismatch), tmp_path, show_progress=False)
+    r = load_recipe(TINY, overrides=mismatch + ["train.resize_teacher_grid=true", "train.max_steps=2"])
+    summary = Trainer(r, tmp_path, show_progress=False).fit()
+    assert summary["steps"] == 2 and summary["final_metrics"]["loss/feature"] > 0

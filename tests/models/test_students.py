@@ -218,7 +218,7 @@ def test_grid_mismatch_message_names_models_and_fixes():
     expected = (
         "teacher dinov2_vitb14 gives a 16x16 patch grid at 224 px (patch 14) but student vit_small_patch16 gives "
         "14x14 (patch 16): use a student with patch size 14, set student.model_kwargs.patch_size = 14, or set "
-        "loss.resize_teacher_grid = true"
+        "train.resize_teacher_grid = true"
     )
     with pytest.raises(ShapeError) as info:
         check_grids(teacher, student, (224, 224), resize=False)
