@@ -20,7 +20,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import goals, harness  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,7 +61,12 @@ def pytest_benchmark_update_json(config, benchmarks, output_json) -> None:  # no
         info = bench.get("extra_info", {})
         record = by_label.get(info.get("label"))
         if record is not None:
-            info.update(speedup_vs_anchor=record.speedup_vs_anchor, frac_copy_bw=record.frac_copy_bw)
+            info.update(
+                speedup_vs_anchor=record.speedup_vs_anchor,
+                speedups=dict(record.speedups),
+                frac_copy_bw=record.frac_copy_bw,
+                peak_mem_bytes=record.peak_mem_bytes,
+            )
     output_json["kdforge"] = harness.environment_info()
 
 
@@ -72,7 +77,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     terminalreporter.section("kdforge benchmarks")
     terminalreporter.write_line(f"device: {harness.device_name()}  quick={harness.is_quick()}")
     terminalreporter.write_line(harness.format_table(records))
+    # Goals of the benchmark files that ran (they register on import); unmeasured ones say what is missing.
+    verdicts = goals.evaluate(records)
+    if verdicts:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(goals.format_verdicts(verdicts, quick=harness.is_quick()))
     target = config.getoption("--kdforge-json", default=None) or os.environ.get(harness.JSON_ENV)
     if target:
-        path = harness.write_json(harness.resolve_json_path(target), records)
+        path = harness.write_json(harness.resolve_json_path(target), records, verdicts)
         terminalreporter.write_line(f"kdforge benchmark records written to {path}")

@@ -23,12 +23,17 @@ How another benchmark file uses it::
             group="my_op",                           # records of one group are compared with each other
             bytes_moved=2 * x.numel() * x.element_size(),   # what the op must read + write at least
             flops=None,                              # or the arithmetic it must do
-            anchor="torch_op/fp32/n=%d" % n,         # another record of this run: speedup = anchor / this
-        )
+            anchor="torch_op/fp32/n=%d" % n,         # another record of this run (or a list of them):
+        )                                            # speedup = anchor median / this median
 
 ``measure`` returns a :class:`Record`; ``benchmark.extra_info`` receives the same numbers (median_s, GB/s,
-TFLOP/s, fraction of the copy bandwidth, speedup over the anchor) so ``--benchmark-json`` carries them too.
-Anchors are resolved at the end of the session, so the order in which tests run does not matter.
+TFLOP/s, fraction of the copy bandwidth, speedup over each anchor, peak memory) so ``--benchmark-json`` carries
+them too. Anchors are resolved at the end of the session, so the order in which tests run does not matter.
+On CUDA each record also carries ``peak_mem_bytes``: the most memory one call allocated above what was allocated
+before it (torch.cuda.max_memory_allocated), so two implementations of one step compare in memory as well.
+
+``benchmarks/goals.py`` turns the records into a verdict for each performance goal of the issues (met, not met,
+unmeasured, with the figures); the session table ends with it and the JSON carries it.
 
 Quick mode (:func:`is_quick`): on by default where no CUDA device is present, or with ``KDFORGE_BENCH_QUICK=1``;
 benchmark files then pick tiny sizes so CI exercises the harness in seconds. ``KDFORGE_BENCH_QUICK=0`` on a GPU
@@ -50,7 +55,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -177,10 +182,21 @@ class Record:
     reps: int
     bytes_moved: float | None = None
     flops: float | None = None
-    anchor: str | None = None
-    speedup_vs_anchor: float | None = None
+    anchors: list[str] = dataclasses.field(default_factory=list)
+    speedups: dict[str, float] = dataclasses.field(default_factory=dict)  # anchor label -> anchor median / this
     frac_copy_bw: float | None = None
+    peak_mem_bytes: float | None = None  # CUDA: most bytes one call allocated above the allocation before it
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def anchor(self) -> str | None:
+        """The first (main) anchor."""
+        return self.anchors[0] if self.anchors else None
+
+    @property
+    def speedup_vs_anchor(self) -> float | None:
+        """Speedup over the first anchor (None until that anchor is measured)."""
+        return self.speedups.get(self.anchor) if self.anchor is not None else None
 
     @property
     def gbps(self) -> float | None:
@@ -198,6 +214,8 @@ class Record:
         out = dataclasses.asdict(self)
         out["gbps"] = self.gbps
         out["tflops"] = self.tflops
+        out["anchor"] = self.anchor
+        out["speedup_vs_anchor"] = self.speedup_vs_anchor
         return out
 
 
@@ -208,10 +226,10 @@ _COPY_BW: dict[str, Record] = {}
 
 
 def _resolve(record: Record) -> None:
-    """Fill the anchor ratio and the copy-bandwidth fraction where their inputs are known."""
-    if record.anchor is not None and record.anchor in RECORDS:
-        base = RECORDS[record.anchor].median_s
-        record.speedup_vs_anchor = base / record.median_s if record.median_s > 0 else None
+    """Fill the anchor ratios and the copy-bandwidth fraction where their inputs are known."""
+    for label in record.anchors:
+        if label in RECORDS and record.median_s > 0:
+            record.speedups[label] = RECORDS[label].median_s / record.median_s
     copy = _COPY_BW.get(record.device)
     if copy is not None and record.gbps is not None and copy.gbps:
         record.frac_copy_bw = record.gbps / copy.gbps
@@ -237,7 +255,9 @@ def _publish(benchmark: Any, record: Record) -> None:
         tflops=record.tflops,
         anchor=record.anchor,
         speedup_vs_anchor=record.speedup_vs_anchor,
+        speedups=dict(record.speedups),
         frac_copy_bw=record.frac_copy_bw,
+        peak_mem_bytes=record.peak_mem_bytes,
     )
     info.update({f"param_{k}": v for k, v in record.params.items()})
 
@@ -259,9 +279,10 @@ def measure(
     device: torch.device | None = None,
     bytes_moved: float | None = None,
     flops: float | None = None,
-    anchor: str | None = None,
+    anchor: str | Sequence[str] | None = None,
     warmup: int | None = None,
     rounds: int | None = None,
+    track_memory: bool = True,
     params: dict[str, Any] | None = None,
 ) -> Record:
     """Time ``fn`` with pytest-benchmark and the harness; record and return the result.
@@ -269,7 +290,9 @@ def measure(
     ``benchmark`` is pytest-benchmark's fixture (or None to time without it). The callable runs ``warmup`` times
     untimed, then ``rounds`` times; pytest-benchmark times a wrapper that synchronises the device after each call,
     and on CUDA a second pass with CUDA events gives the figure the harness reports (device time). ``label`` must be
-    unique in the session; ``anchor`` names another record to compare with (speedup = anchor median / this median).
+    unique in the session; ``anchor`` names another record to compare with (speedup = anchor median / this median),
+    or a list of them, the first being the main one. On CUDA one more call measures ``peak_mem_bytes`` (unless
+    ``track_memory`` is False: for code that allocates outside torch's allocator, whose peak would read as 0).
     """
     device = device if device is not None else bench_device()
     quick = is_quick(device)
@@ -295,6 +318,7 @@ def measure(
     if timing is None:
         # CUDA (device-event timing), or pytest-benchmark disabled (--benchmark-disable) / absent.
         timing = time_callable(fn, device=device, warmup=warmup if benchmark is None else 1, reps=rounds)
+    anchors = [anchor] if isinstance(anchor, str) else list(anchor or [])
 
     record = Record(
         label=label,
@@ -306,17 +330,33 @@ def measure(
         reps=len(timing.times_s),
         bytes_moved=bytes_moved,
         flops=flops,
-        anchor=anchor,
+        anchors=anchors,
+        peak_mem_bytes=peak_memory(fn, device) if track_memory else None,
         params=dict(params or {}),
     )
     RECORDS[label] = record
     _resolve(record)
     # Records measured earlier that name this one as their anchor can now be resolved too.
     for other in RECORDS.values():
-        if other.anchor == label:
+        if label in other.anchors:
             _resolve(other)
     _publish(benchmark, record)
     return record
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Bytes one call of ``fn`` allocates at its peak above what was allocated before it; None off CUDA (the CPU
+    allocator keeps no such statistics). Whatever the call returns is released before the next measurement."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return float(max(peak, 0))
 
 
 def copy_bandwidth(device: torch.device | None = None, nbytes: int | None = None) -> Record:
@@ -352,6 +392,20 @@ def copy_bandwidth(device: torch.device | None = None, nbytes: int | None = None
     return record
 
 
+def neighbours_beyond_ties(scores: Any, idx: Any, ref_scores: Any, ref_idx: Any, tol: float) -> int:
+    """How many queries' neighbour sets differ from the reference beyond ties: neighbours scoring more than ``tol``
+    above the reference's k-th score must be the same rows (order and the rows at the boundary may differ).
+    Scores are best first (larger is better), one row per query."""
+    scores, idx, ref_scores, ref_idx = (torch.as_tensor(t).cpu() for t in (scores, idx, ref_scores, ref_idx))
+    differ = 0
+    for q in range(ref_scores.shape[0]):
+        kth = float(ref_scores[q, -1])
+        ours = set(idx[q][scores[q].double() > kth + tol].tolist())
+        theirs = set(ref_idx[q][ref_scores[q].double() > kth + tol].tolist())
+        differ += ours != theirs
+    return differ
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,7 +419,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(records: list[Record]) -> str:
     """A fixed-width table of records, grouped, one line each."""
-    header = ("group", "label", "median", "GB/s", "TFLOP/s", "%copyBW", "speedup", "vs anchor")
+    header = ("group", "label", "median", "GB/s", "TFLOP/s", "%copyBW", "peak MiB", "speedup", "vs anchor")
     rows = []
     for r in sorted(records, key=lambda r: (r.group, r.label)):
         med = r.median_s
@@ -378,8 +432,9 @@ def format_table(records: list[Record]) -> str:
                 _fmt(r.gbps, ".1f"),
                 _fmt(r.tflops, ".2f"),
                 _fmt(None if r.frac_copy_bw is None else 100 * r.frac_copy_bw, ".0f"),
-                _fmt(r.speedup_vs_anchor, ".2f") + ("x" if r.speedup_vs_anchor is not None else ""),
-                r.anchor or "",
+                _fmt(None if r.peak_mem_bytes is None else r.peak_mem_bytes / (1 << 20), ".1f"),
+                ", ".join(f"{r.speedups[a]:.2f}x" if a in r.speedups else "-" for a in r.anchors) or "-",
+                ", ".join(r.anchors),
             )
         )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
@@ -421,8 +476,11 @@ def resolve_json_path(value: str) -> Path:
     return path
 
 
-def write_json(path: Path, records: list[Record]) -> Path:
+def write_json(path: Path, records: list[Record], verdicts: list[Any] | None = None) -> Path:
+    """Records (and goal verdicts, benchmarks/goals.py) with the device, versions and date."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"environment": environment_info(), "records": [r.as_dict() for r in records]}
+    if verdicts is not None:
+        payload["goals"] = [dataclasses.asdict(v) for v in verdicts]
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path

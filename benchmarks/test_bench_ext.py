@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import measure, pick
+from benchmarks import goals
+from benchmarks.harness import measure, neighbours_beyond_ties, pick
 from kdforge import _ext
 
 THREADS = 2
@@ -37,7 +38,17 @@ def two_threads():
 
 
 CPU = torch.device("cpu")
-LOSS_SHAPES = pick(quick=[(2 * 257, 384), (4 * 257, 768)], full=[(16 * 257, 384), (64 * 257, 768)], device=CPU)
+LOSS_GOAL_SHAPES = [(16 * 257, 384), (64 * 257, 768)]
+LOSS_SHAPES = pick(quick=[(2 * 257, 384), (4 * 257, 768)], full=LOSS_GOAL_SHAPES, device=CPU)
+
+
+def _loss_label(impl: str, rows: int, dim: int) -> str:
+    return f"whitened_loss_fwd_bwd/{impl}/fp32/{rows}x{dim}"
+
+
+for _rows, _dim in LOSS_GOAL_SHAPES:
+    goals.speedup(4, f"CPU whitened_loss fp32 [{_rows}, {_dim}] fwd+bwd: ext >= 4x torch eager",
+                  label=_loss_label("ext", _rows, _dim), anchor=_loss_label("eager", _rows, _dim), at_least=4.0)  # fmt: skip
 
 
 @pytest.mark.parametrize("rows, dim", LOSS_SHAPES, ids=[f"{r}x{d}" for r, d in LOSS_SHAPES])
@@ -66,18 +77,27 @@ def test_whitened_loss_fwd_bwd_cpu(benchmark, rows, dim, impl):
         benchmark,
         step,
         device=CPU,
-        label=f"whitened_loss_fwd_bwd/{impl}/fp32/{rows}x{dim}",
+        label=_loss_label(impl, rows, dim),
         group=f"whitened_loss_cpu_{rows}x{dim}",
         # Least traffic of a fused kernel: read student and teacher, write the gradient once.
         bytes_moved=3 * 4 * n,
-        anchor=None if impl == "eager" else f"whitened_loss_fwd_bwd/eager/fp32/{rows}x{dim}",
+        anchor=None if impl == "eager" else _loss_label("eager", rows, dim),
         rounds=pick(5, 21, CPU),
         warmup=pick(1, 3, CPU),
         params={"rows": rows, "dim": dim, "threads": THREADS},
     )
 
 
-KNN = pick(quick=dict(q=100, g=20_000, d=384, k=100), full=dict(q=1_000, g=1_000_000, d=384, k=100), device=CPU)
+KNN_GOAL = dict(q=1_000, g=1_000_000, d=384, k=100)
+KNN = pick(quick=dict(q=100, g=20_000, d=384, k=100), full=KNN_GOAL, device=CPU)
+
+
+def _knn_label(impl: str, size: dict) -> str:
+    return "knn/{}/fp32/Q{q}_G{g}_D{d}_k{k}".format(impl, **size)
+
+
+goals.speedup(4, "CPU knn fp32 Q=1e3 G=1e6 D=384 k=100: ext >= 0.8x faiss-cpu IndexFlatIP",
+              label=_knn_label("ext", KNN_GOAL), anchor=_knn_label("faiss_cpu_flatip", KNN_GOAL), at_least=0.8)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +110,8 @@ def knn_data():
 
 def _same_neighbours_up_to_ties(scores, idx, ref_scores, ref_idx, tol=1e-4):
     torch.testing.assert_close(scores.double(), ref_scores.double(), rtol=0, atol=tol)
-    for q in range(scores.shape[0]):
-        kth = float(ref_scores[q, -1])
-        ours = {int(i) for s, i in zip(scores[q], idx[q]) if s > kth + tol}
-        theirs = {int(i) for s, i in zip(ref_scores[q], ref_idx[q]) if s > kth + tol}
-        assert ours == theirs, f"query {q}: neighbours differ beyond ties: {sorted(ours ^ theirs)[:10]}"
+    differ = neighbours_beyond_ties(scores, idx, ref_scores, ref_idx, tol)
+    assert differ == 0, f"{differ} queries have other neighbours than faiss beyond ties (tolerance {tol})"
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +152,11 @@ def _run_knn(benchmark, impl, fn):
         benchmark,
         call,
         device=CPU,
-        label=f"knn/{impl}/fp32/Q{q}_G{g}_D{d}_k{k}",
+        label=_knn_label(impl, KNN),
         group="knn_cpu",
         flops=2.0 * q * g * d,
         bytes_moved=4.0 * g * d,  # the gallery is read once
-        anchor=None if impl.startswith("faiss") else f"knn/faiss_cpu_flatip/fp32/Q{q}_G{g}_D{d}_k{k}",
+        anchor=None if impl.startswith("faiss") else _knn_label("faiss_cpu_flatip", KNN),
         rounds=pick(3, 3, CPU),
         warmup=1,
         params={"threads": THREADS, **KNN},
