@@ -1,7 +1,8 @@
 """kdforge.ops.whitened_loss: argument checks, backend dispatch and autograd; the math is in the backends.
 
 Triton backend: the custom op ``kdforge_triton::whitened_loss`` returns the loss and dLoss/dstudent from one pass
-(kdforge/kernels/whitened_loss.py); its registered backward only scales that gradient by grad_output. It has a
+(kdforge/kernels/whitened_loss.py); its registered backward only scales that gradient by grad_output, in place
+in eager mode so that the step holds one [R, D] buffer, not two. It has a
 fake (meta) implementation, so torch.compile traces through it and ``torch.library.opcheck`` can test it.
 """
 
@@ -67,10 +68,16 @@ def _backward(ctx, grad_loss, _grad_of_grad):
             weight = grad_loss.new_zeros(ctx.rows).index_copy(0, index, grad_loss)
         else:
             weight = grad_loss
-        grad = (dstudent * weight[:, None]).to(dstudent.dtype)
+        scale = weight.reshape(-1, 1)
     else:
-        grad = (dstudent * grad_loss).to(dstudent.dtype)
-    return grad, None, None, None, None, None, None, None, None
+        scale = grad_loss
+    if type(dstudent) is torch.Tensor and not torch.compiler.is_compiling():
+        # Eager: scale the saved dS in place and hand that buffer over, so no second [R, D] tensor is made and
+        # autograd moves it into .grad. A second backward through the same retained graph then stops at autograd's
+        # saved-tensor version check (an error, never a gradient scaled twice); backend="reference" supports it.
+        return dstudent.mul_(scale), None, None, None, None, None, None, None, None
+    # Traced (torch.compile / AOTAutograd: fake or functional tensors): out of place, as functional graphs need.
+    return (dstudent * scale).to(dstudent.dtype), None, None, None, None, None, None, None, None
 
 
 _whitened_loss_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -156,6 +156,25 @@ def test_teacher_gets_no_gradient(gen):
     assert teacher.grad is None and student.grad is not None
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_hands_its_one_buffer_to_grad(gen, reduction):
+    """The backward scales the forward's dS in place: the gradient is right for grad_output != 1 and no second
+    [rows, D] tensor is made (the saved dS buffer is the gradient). A second backward through a retained graph
+    fails autograd's version check rather than returning a gradient scaled twice."""
+    student, teacher = _inputs(gen)
+    out = whitened_loss(student, teacher, reduction=reduction, backend="triton")
+    grad_out = randn(gen, *out.shape, dtype=out.dtype, scale=1.5, shift=0.5)
+    saved = out.grad_fn.saved_tensors if hasattr(out.grad_fn, "saved_tensors") else None
+    out.backward(grad_out, retain_graph=True)
+    ref = reference.whitened_loss(student, teacher, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref, student, grad_out)
+    close(student.grad, ref_grad, torch.float32)
+    if saved is not None:  # the saved dS itself now holds the gradient
+        close(saved[0], ref_grad, torch.float32)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(grad_out)
+
+
 def test_no_grad_mode_skips_the_gradient(gen):
     student, teacher = _inputs(gen)
     with torch.no_grad():
