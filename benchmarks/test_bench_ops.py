@@ -4,7 +4,8 @@ GPU (goal sizes, KDFORGE_BENCH_QUICK unset or 0): the Triton backends ("auto" on
 - whitened_loss forward+backward, bf16 [256*257, 768] and [64*1025, 1024], against torch eager
   (layer_norm + smooth_l1_loss + backward) and torch.compile of the same; bytes = the minimum a fused pass moves
   (read student and teacher, write the gradient), so GB/s and %copyBW show the distance to the memory limit;
-- masked_gather of half the rows of [64, 257, 768] bf16 against x[mask] and the copy bandwidth;
+- masked_gather of half the rows of [64, 257, 768] bf16 against x[mask] and the copy bandwidth, and its inverse
+  masked_scatter against ``clone`` + ``new[mask] = rows``;
 - attention forward+backward, bf16 d=64, N in {197, 257, 1025}, shared [H, N, N] bias with gradient, against
   torch SDPA with attn_mask=bias; FLOPs = 3.5 * 4 B H N^2 d (forward + backward, as FlashAttention counts);
 - knn Q=1e4, G=1e7, D=768, k=100, fp16 gallery resident on the GPU (and streamed from host memory), against
@@ -146,21 +147,29 @@ MG_GOAL_SHAPE = (64, 257, 768)
 MG_SHAPE = pick(quick=(8, 37, 64), full=MG_GOAL_SHAPE, device=DEVICE)
 
 
-def _mg_label(impl: str, shape: tuple[int, int, int]) -> str:
-    return "masked_gather/{}/{}x{}x{}".format(impl, *shape)
+def _mg_label(impl: str, shape: tuple[int, int, int], op: str = "masked_gather") -> str:
+    return "{}/{}/{}x{}x{}".format(op, impl, *shape)
 
 
 goals.copy_bandwidth(3, "masked_gather bf16 half of [64, 257, 768]: >= 80% of copy bandwidth",
                      label=_mg_label("triton", MG_GOAL_SHAPE), at_least=0.8)  # fmt: skip
 
 
-@pytest.mark.parametrize("impl", ["torch_index", "triton", "reference", "ext"])
-def test_masked_gather(benchmark, copy_anchor, impl):
+@pytest.fixture(scope="module")
+def masked_data():
+    """x [B, N, D], a mask selecting about half the rows, and replacement rows [M, D]."""
     B, N, D = MG_SHAPE
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(B, N, D, generator=g).to(DEVICE, WL_DTYPE)
     mask = (torch.rand(B, N, generator=g) < 0.5).to(DEVICE)
-    m = int(mask.sum())
+    rows = torch.randn(int(mask.sum()), D, generator=g).to(DEVICE, WL_DTYPE)
+    return x, mask, rows
+
+
+@pytest.mark.parametrize("impl", ["torch_index", "triton", "reference", "ext"])
+def test_masked_gather(benchmark, copy_anchor, masked_data, impl):
+    x, mask, rows = masked_data
+    m, D = rows.shape
     if impl == "torch_index":
         fn = lambda: x[mask]  # noqa: E731
     else:
@@ -174,6 +183,31 @@ def test_masked_gather(benchmark, copy_anchor, impl):
         bytes_moved=2.0 * m * D * x.element_size(),  # read and write the selected rows
         anchor=None if impl == "torch_index" else _mg_label("torch_index", MG_SHAPE),
         params={"rows_selected": m, "dim": D},
+    )
+
+
+@pytest.mark.parametrize("impl", ["torch_index_put", "triton", "reference", "ext"])
+def test_masked_scatter(benchmark, copy_anchor, masked_data, impl):
+    """The inverse: a new [B, N, D] tensor with half its rows replaced (the student's mask tokens put back)."""
+    out, mask, rows = masked_data
+    if impl == "torch_index_put":
+
+        def fn():
+            new = out.clone()
+            new[mask] = rows
+            return new
+
+    else:
+        _skip_unless_available("masked_scatter", impl)
+        fn = lambda: ops.masked_scatter(rows, mask, out, backend=impl)  # noqa: E731
+    measure(
+        benchmark,
+        fn,
+        label=_mg_label(impl, MG_SHAPE, "masked_scatter"),
+        group="masked_scatter",
+        bytes_moved=2.0 * out.numel() * out.element_size(),  # read each row once (out's or rows'), write them all
+        anchor=None if impl == "torch_index_put" else _mg_label("torch_index_put", MG_SHAPE, "masked_scatter"),
+        params={"rows_replaced": rows.shape[0], "dim": rows.shape[1]},
     )
 
 
