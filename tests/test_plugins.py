@@ -24,6 +24,28 @@ def _fake_distribution(site: Path, dist: str, module: str, source: str) -> None:
     (info / "entry_points.txt").write_text(f"[kdforge]\n{module} = {module}\n")
 
 
+def _fake_loss_plugin(site: Path, dist: str, module: str, loss_name: str) -> None:
+    """A distribution whose plugin registers one loss, named ``loss_name``, that is always zero."""
+    _fake_distribution(site, dist, module, f"""
+        import dataclasses, kdforge
+        from kdforge.losses import DistillLoss
+
+        class Zero(DistillLoss):
+            name = {loss_name!r}
+
+            @dataclasses.dataclass
+            class Config:
+                pass
+
+            def forward(self, s, t, batch):
+                return s.cls.sum() * 0, {{}}
+
+        @kdforge.hookimpl
+        def kdforge_register_losses():
+            return [Zero]
+    """)
+
+
 @pytest.fixture
 def site(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -51,24 +73,7 @@ def test_every_hookspec_has_docstring_and_kind():
 
 
 def test_entry_point_plugin_is_autoloaded(site):
-    _fake_distribution(site, "kd-extra", "kd_extra_plugin", """
-        import dataclasses, kdforge
-        from kdforge.losses import DistillLoss
-
-        class Zero(DistillLoss):
-            name = "extra.zero"
-
-            @dataclasses.dataclass
-            class Config:
-                pass
-
-            def forward(self, s, t, batch):
-                return s.cls.sum() * 0, {}
-
-        @kdforge.hookimpl
-        def kdforge_register_losses():
-            return [Zero]
-    """)
+    _fake_loss_plugin(site, "kd-extra", "kd_extra_plugin", "extra.zero")
     reg = build_plugin_manager(autoload=True)
     comp = next(c for c in reg.components("losses") if c.name == "extra.zero")
     assert comp.origin == "kd-extra 9.9 (kd_extra_plugin)"
@@ -98,21 +103,7 @@ def test_broken_plugin_is_reported_and_rest_works(site):
 
 
 def test_duplicate_names_name_both_origins(site):
-    _fake_distribution(site, "kd-dup", "kd_dup_plugin", """
-        import dataclasses, kdforge
-        from kdforge.losses import DistillLoss
-
-        class Token(DistillLoss):
-            name = "proteus.token"
-
-            @dataclasses.dataclass
-            class Config:
-                pass
-
-        @kdforge.hookimpl
-        def kdforge_register_losses():
-            return [Token]
-    """)
+    _fake_loss_plugin(site, "kd-dup", "kd_dup_plugin", "proteus.token")
     with pytest.raises(PluginError) as exc:
         build_plugin_manager(autoload=True)
     msg = str(exc.value)

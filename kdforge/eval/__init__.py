@@ -4,6 +4,9 @@ Contract: class attribute ``name``, a ``Config`` dataclass, ``__init__(cfg)`` an
 ``run(encoder, train_set, test_set, *, device, batch_size) -> dict[str, float]`` where ``encoder`` maps
 ``Tensor[B, 3, H, W]`` (float in [0, 1]) to ``Tensor[B, D]`` features and the datasets follow the
 :mod:`kdforge.data` item contract with labels. Metric names are prefixed by the evaluator (``knn_top1``).
+
+An evaluator of frozen features (both built-ins) implements :meth:`Evaluator.evaluate` instead of ``run``: the base
+class's ``run`` extracts the train and test features once and passes them on.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from kdforge.eval.features import extract_features
+
 
 class Evaluator:
     name: ClassVar[str]
+    #: Prefix of the feature-extraction progress bars in :meth:`run` ("kNN" -> "kNN train features").
+    progress_label: ClassVar[str] = "eval"
 
     @dataclasses.dataclass
     class Config:
@@ -33,4 +40,22 @@ class Evaluator:
         device: torch.device,
         batch_size: int = 256,
     ) -> dict[str, float]:
+        """Extract the train and test features (DataLoader workers: the config's ``num_workers``, 0 without one),
+        then return :meth:`evaluate` of them."""
+        common = dict(device=device, batch_size=batch_size, num_workers=getattr(self.cfg, "num_workers", 0))
+        train_x, train_y = extract_features(encoder, train_set, desc=f"{self.progress_label} train features", **common)
+        test_x, test_y = extract_features(encoder, test_set, desc=f"{self.progress_label} test features", **common)
+        return self.evaluate(train_x, train_y, test_x, test_y, device=device)
+
+    def evaluate(
+        self,
+        train_features: torch.Tensor,
+        train_labels: torch.Tensor,
+        test_features: torch.Tensor,
+        test_labels: torch.Tensor,
+        *,
+        device: torch.device,
+    ) -> dict[str, float]:
+        """Metrics of frozen features: float32 Tensor[N, D] and LongTensor[N] of the train set, Tensor[Q, D] and
+        LongTensor[Q] of the test set, all on the CPU; ``device`` is where the evaluator may compute."""
         raise NotImplementedError

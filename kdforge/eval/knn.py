@@ -8,13 +8,11 @@ T = 0.07. The test set is processed in chunks so that the similarity block stays
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from kdforge.eval import Evaluator
-from kdforge.eval.features import extract_features
 from kdforge.eval.metrics import check_labelled, topk_accuracy
 from kdforge.ops import knn
 
@@ -94,6 +92,7 @@ class KnnEvaluator(Evaluator):
     """DINO's weighted kNN classifier on L2-normalised frozen features: knn_top1 and knn_top5 in percent."""
 
     name = "knn"
+    progress_label = "kNN"
 
     @dataclasses.dataclass
     class Config:
@@ -114,19 +113,8 @@ class KnnEvaluator(Evaluator):
             if self.chunk_size < 1:
                 raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
-    def run(
-        self,
-        encoder: Callable[[torch.Tensor], torch.Tensor],
-        train_set: torch.utils.data.Dataset,
-        test_set: torch.utils.data.Dataset,
-        *,
-        device: torch.device,
-        batch_size: int = 256,
-    ) -> dict[str, float]:
-        common = dict(device=device, batch_size=batch_size, num_workers=self.cfg.num_workers)
-        train_x, train_y = extract_features(encoder, train_set, desc="kNN train features", **common)
-        test_x, test_y = extract_features(encoder, test_set, desc="kNN test features", **common)
+    def evaluate(self, train_features, train_labels, test_features, test_labels, *, device):
         return knn_classify(
-            train_x, train_y, test_x, test_y,
+            train_features, train_labels, test_features, test_labels,
             k=self.cfg.k, temperature=self.cfg.temperature, chunk_size=self.cfg.chunk_size, device=device,
         )

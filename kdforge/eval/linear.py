@@ -10,13 +10,12 @@ tune, which is what a probe should be: a measurement of the features, not of the
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from kdforge.eval import Evaluator
-from kdforge.eval.features import extract_features
 from kdforge.eval.metrics import check_labelled, topk_accuracy
 
 __all__ = ["LinearProbeEvaluator", "fit_logistic", "linear_probe"]
@@ -124,6 +123,7 @@ class LinearProbeEvaluator(Evaluator):
     """Logistic regression on frozen features, weight decay picked on held-out train data: linear_top1 in percent."""
 
     name = "linear_probe"
+    progress_label = "probe"
 
     @dataclasses.dataclass
     class Config:
@@ -146,20 +146,9 @@ class LinearProbeEvaluator(Evaluator):
             if self.max_iter < 1:
                 raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
 
-    def run(
-        self,
-        encoder: Callable[[torch.Tensor], torch.Tensor],
-        train_set: torch.utils.data.Dataset,
-        test_set: torch.utils.data.Dataset,
-        *,
-        device: torch.device,
-        batch_size: int = 256,
-    ) -> dict[str, float]:
-        common = dict(device=device, batch_size=batch_size, num_workers=self.cfg.num_workers)
-        train_x, train_y = extract_features(encoder, train_set, desc="probe train features", **common)
-        test_x, test_y = extract_features(encoder, test_set, desc="probe test features", **common)
+    def evaluate(self, train_features, train_labels, test_features, test_labels, *, device):
         return linear_probe(
-            train_x, train_y, test_x, test_y,
+            train_features, train_labels, test_features, test_labels,
             weight_decays=self.cfg.weight_decays, holdout_fraction=self.cfg.holdout_fraction,
             max_iter=self.cfg.max_iter, seed=self.cfg.seed, device=device,
         )

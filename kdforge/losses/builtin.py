@@ -17,7 +17,16 @@ from kdforge.students import ProjectionHead
 Backend = Literal["auto", "reference", "triton", "ext"]
 
 
-class ProteusTokenLoss(DistillLoss):
+class ProteusLoss(DistillLoss):
+    """Base of the Proteus objectives: each owns a :class:`ProjectionHead` (Proteus A.9) from the student's width
+    to the teacher's, trained with the student."""
+
+    def __init__(self, cfg, *, student_dim, teacher_dim):
+        super().__init__(cfg, student_dim=student_dim, teacher_dim=teacher_dim)
+        self.head = ProjectionHead(student_dim, teacher_dim)
+
+
+class ProteusTokenLoss(ProteusLoss):
     """MSE between the projected student CLS token and the teacher's CLS token."""
 
     name = "proteus.token"
@@ -27,17 +36,13 @@ class ProteusTokenLoss(DistillLoss):
         backend: Backend = "auto"
         """Kernel backend of kdforge.ops.whitened_loss."""
 
-    def __init__(self, cfg, *, student_dim, teacher_dim):
-        super().__init__(cfg, student_dim=student_dim, teacher_dim=teacher_dim)
-        self.head = ProjectionHead(student_dim, teacher_dim)
-
     def forward(self, student_out, teacher_out, batch):
         pred = self.head(student_out.cls)
         loss = whitened_loss(pred, teacher_out.cls, loss="mse", whiten=False, backend=self.cfg.backend)
         return loss, {}
 
 
-class ProteusFeatureLoss(DistillLoss):
+class ProteusFeatureLoss(ProteusLoss):
     """MSE between every projected student patch token and the teacher's patch token at the same position."""
 
     name = "proteus.feature"
@@ -50,17 +55,13 @@ class ProteusFeatureLoss(DistillLoss):
         backend: Backend = "auto"
         """Kernel backend of kdforge.ops.whitened_loss."""
 
-    def __init__(self, cfg, *, student_dim, teacher_dim):
-        super().__init__(cfg, student_dim=student_dim, teacher_dim=teacher_dim)
-        self.head = ProjectionHead(student_dim, teacher_dim)
-
     def forward(self, student_out, teacher_out, batch):
         pred = self.head(student_out.patches)
         loss = whitened_loss(pred, teacher_out.patches, loss="mse", whiten=self.cfg.whiten, backend=self.cfg.backend)
         return loss, {}
 
 
-class ProteusPatchLoss(DistillLoss):
+class ProteusPatchLoss(ProteusLoss):
     """MSE on the masked positions: the student sees the masked view, the targets are the teacher's tokens of the
     unmasked view at those positions (iBOT-style masked patch prediction)."""
 
@@ -74,10 +75,6 @@ class ProteusPatchLoss(DistillLoss):
         """Normalise teacher tokens by a LayerNorm without affine first."""
         backend: Backend = "auto"
         """Kernel backend of kdforge.ops.whitened_loss and masked_gather."""
-
-    def __init__(self, cfg, *, student_dim, teacher_dim):
-        super().__init__(cfg, student_dim=student_dim, teacher_dim=teacher_dim)
-        self.head = ProjectionHead(student_dim, teacher_dim)
 
     def forward(self, student_out, teacher_out, batch):
         mask = batch["mask"]

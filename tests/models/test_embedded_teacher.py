@@ -37,7 +37,9 @@ def _images(b=4, size=16):
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def test_trains_once_then_loads_from_the_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def train_calls(monkeypatch):
+    """A list that gets one entry per call of embedded.train_classifier (which still trains)."""
     calls = []
     real_train = embedded.train_classifier
 
@@ -46,8 +48,12 @@ def test_trains_once_then_loads_from_the_cache(tmp_path, monkeypatch):
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(embedded, "train_classifier", counting_train)
+    return calls
+
+
+def test_trains_once_then_loads_from_the_cache(tmp_path, monkeypatch, train_calls):
     first = create("teachers", _table(tmp_path), "teacher")
-    assert isinstance(first, EmbeddedTeacher) and len(calls) == 1
+    assert isinstance(first, EmbeddedTeacher) and len(train_calls) == 1
     path = first.cache_path
     assert path.is_file() and path.parent == tmp_path / "cache" / "teachers"
     assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == sorted(
@@ -110,15 +116,7 @@ def test_cache_key_follows_what_changes_the_weights(tmp_path):
     assert cache_file(cfg()).name == f"embedded-vit_tiny_patch16_224-{base}.safetensors"
 
 
-def test_concurrent_first_uses_train_once(tmp_path, monkeypatch):
-    calls = []
-    real_train = embedded.train_classifier
-
-    def counting_train(*args, **kwargs):
-        calls.append(1)
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(embedded, "train_classifier", counting_train)
+def test_concurrent_first_uses_train_once(tmp_path, train_calls):
     get_registry()  # build the registry once, outside the threads
     errors = []
 
@@ -133,7 +131,7 @@ def test_concurrent_first_uses_train_once(tmp_path, monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(calls) == 1
+    assert not errors and len(train_calls) == 1
 
 
 def test_damaged_cache_file_says_how_to_recover(tmp_path):
