@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kdforge.cli import main
 from kdforge.diagnostics.curves import layout, plot_curves, read_metrics
 from kdforge.engine.loggers import JsonlLogger
 from kdforge.errors import MetricsError
@@ -108,10 +109,27 @@ def test_nan_inf_missing_keys_and_a_single_point(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*half-written")
 @pytest.mark.parametrize("content", [None, "", "\n", '{"step": 1, "lo'], ids=["missing", "empty", "blank", "torn"])
-def test_missing_or_empty_metrics_say_train_first(tmp_path, content):
+def test_missing_or_empty_metrics_say_train_first_and_exit_2(tmp_path, capsys, content):
     if content is not None:
         (tmp_path / "metrics.jsonl").write_text(content)
     with pytest.raises(MetricsError, match="train first") as exc:
         plot_curves(tmp_path)
     assert str(tmp_path / "metrics.jsonl") in str(exc.value)
+    assert main(["diagnose", "curves", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "kdforge: error:" in err and "metrics.jsonl" in err and "train first" in err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_cli_prints_where_the_png_went_and_reports_skipped_lines(tmp_path, capsys):
+    write_run(tmp_path, range(1, 6))
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')
+    out = tmp_path / "plots" / "run.png"
+    assert main(["diagnose", "curves", str(tmp_path), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"curves: {out}"
+    assert "kdforge: warning:" in captured.err and "skipped line 6" in captured.err
+    assert_real_image(out)
+    assert main(["diagnose", "curves", str(tmp_path), "--out", str(tmp_path / "x.notaformat")]) == 2
+    assert "unknown image format" in capsys.readouterr().err
