@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ from kdforge.cli import main
 from kdforge.diagnostics.curves import layout, plot_curves, read_metrics
 from kdforge.engine.loggers import JsonlLogger
 from kdforge.errors import MetricsError
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
 
 
 def write_run(run_dir: Path, steps, *, scale=1.0, evals=(), teacher=None, extra=None):
@@ -133,3 +137,53 @@ def test_cli_prints_where_the_png_went_and_reports_skipped_lines(tmp_path, capsy
     assert_real_image(out)
     assert main(["diagnose", "curves", str(tmp_path), "--out", str(tmp_path / "x.notaformat")]) == 2
     assert "unknown image format" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+def tiny_trainer(run_dir, *overrides):
+    from kdforge.engine.trainer import Trainer
+    from kdforge.recipe import load_recipe
+
+    return Trainer(load_recipe(TINY, overrides=list(overrides)), run_dir, show_progress=False)
+
+
+def test_training_writes_curves_png_with_its_evaluations(tmp_path):
+    trainer = tiny_trainer(tmp_path, "train.max_steps=3",
+                           "eval.data={plugin = 'procedural', num_train = 24, num_val = 16, image_size = 16}",
+                           "eval.evaluators={knn = {plugin = 'knn', k = 5}}", "eval.teacher=false")
+    trainer.fit()
+    assert_real_image(tmp_path / "curves.png")
+    assert titles(tmp_path) == ["training loss", "learning rate", "throughput", "gradient norm", "evaluation"]
+
+
+def test_sigterm_writes_curves_png_before_stopping(tmp_path, monkeypatch):
+    from kdforge.engine.trainer import Preempted
+
+    trainer = tiny_trainer(tmp_path)
+    original = trainer.train_step
+
+    def train_step(micro):
+        out = original(micro)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would; fit() has its handler in place
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    with pytest.raises(Preempted):
+        trainer.fit()
+    assert_real_image(tmp_path / "curves.png")
+    assert sorted(read_metrics(tmp_path).series["loss"]) == [1, 2]
+
+
+def test_a_plotting_failure_warns_and_the_run_still_succeeds(tmp_path, monkeypatch):
+    import kdforge.diagnostics.curves as curves
+
+    def broken(run_dir, out=None):
+        raise RuntimeError("no fonts on this node")
+
+    monkeypatch.setattr(curves, "plot_curves", broken)
+    trainer = tiny_trainer(tmp_path, "train.max_steps=1")
+    with pytest.warns(UserWarning, match="curves.png.*RuntimeError: no fonts on this node"):
+        summary = trainer.fit()
+    assert summary["steps"] == 1 and (tmp_path / "summary.json").is_file()
+    assert not (tmp_path / "curves.png").exists()
