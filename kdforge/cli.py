@@ -1,4 +1,4 @@
-"""``kdforge`` command line: train, plugins, info.
+"""``kdforge`` command line: train, diagnose, plugins, info.
 
 Every user error (bad recipe, missing data, mismatched shapes) prints one message and exits with code 2.
 """
@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from kdforge.errors import KdforgeError
@@ -31,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                        help="continue from CHECKPOINT (default: <output-dir>/last.pt)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    diagnose = sub.add_parser("diagnose", help="look into a run: training curves")
+    diagnostics = diagnose.add_subparsers(dest="diagnostic", required=True)
+    curves = diagnostics.add_parser("curves", help="plot loss terms, lr, throughput and evaluations against the step")
+    curves.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding metrics.jsonl (or the file itself)")
+    curves.add_argument("--out", metavar="PATH", help="image to write (default: RUN_DIR/curves.png; .pdf and .svg "
+                        "work too)")
     plugins = sub.add_parser("plugins", help="list every registered component with its kind and origin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("info", help="versions, devices and which op backends are available here (and why not)")
@@ -64,6 +71,24 @@ def cmd_train(args) -> int:
         shown = {k: v for k, v in summary.items() if k not in ("skipped_files", "final_metrics")}
         print(json.dumps(shown, indent=2))
         print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, tb/, last.pt)")
+    return 0
+
+
+def diagnose_curves(args) -> str:
+    from kdforge.diagnostics.curves import plot_curves
+
+    return f"curves: {plot_curves(args.run_dir, args.out)}"
+
+
+def cmd_diagnose(args) -> int:
+    handler = {"curves": diagnose_curves}[args.diagnostic]
+    # A diagnostic that works around damage (a half-written line) warns: say so as the rest of the CLI speaks.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = handler(args)
+    for w in caught:
+        print(f"kdforge: warning: {w.message}", file=sys.stderr)
+    print(report)
     return 0
 
 
@@ -109,7 +134,7 @@ def cmd_info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}[args.command]
+    handler = {"train": cmd_train, "diagnose": cmd_diagnose, "plugins": cmd_plugins, "info": cmd_info}[args.command]
     try:
         return handler(args)
     except KdforgeError as exc:

@@ -31,3 +31,7 @@ class BackendUnavailable(KdforgeError):
 
 class TrainingDiverged(KdforgeError):
     """The loss became NaN or inf."""
+
+
+class MetricsError(KdforgeError):
+    """A run's metrics.jsonl is missing, or holds nothing to read yet."""

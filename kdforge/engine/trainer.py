@@ -15,6 +15,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -240,7 +241,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
-        """Train (resuming if asked), evaluate, write summary.json; returns the summary."""
+        """Train (resuming if asked), evaluate, write curves.png and summary.json; returns the summary."""
         from kdforge.data.skips import SkipCounter
 
         r = self.recipe
@@ -263,6 +264,10 @@ class Trainer:
             if self.step > 0:
                 self.save()
             self._evaluate("after")
+            self._write_curves()
+        except Preempted:
+            self._write_curves()
+            raise
         finally:
             signal.signal(signal.SIGTERM, old_handler)
             for lg in self._loggers:
@@ -272,6 +277,18 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame):
         self._stop = True
+
+    def _write_curves(self) -> None:
+        """<run_dir>/curves.png from metrics.jsonl, on rank 0. A failure to plot warns and never ends the run."""
+        if not self.dist.is_main:
+            return
+        try:
+            from kdforge.diagnostics.curves import plot_curves
+
+            plot_curves(self.run_dir)
+        except Exception as exc:  # the curves are a view of the run, not part of its result
+            warnings.warn(f"training curves not written to {self.run_dir / 'curves.png'}: "
+                          f"{type(exc).__name__}: {exc}", stacklevel=2)
 
     def _train_loop(self) -> None:
         r = self.recipe
