@@ -70,7 +70,7 @@ def cmd_train(args) -> int:
     if trainer.dist.is_main:
         shown = {k: v for k, v in summary.items() if k not in ("skipped_files", "final_metrics")}
         print(json.dumps(shown, indent=2))
-        print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, tb/, last.pt)")
+        print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, curves.png, tb/, last.pt)")
     return 0
 
 
