@@ -90,6 +90,20 @@ inline void check_masked_rows_mask(const char* op, const at::Tensor& mask, int64
   TORCH_CHECK(mask.device() == device, op, ": mask must be on ", device, ", got ", mask.device());
 }
 
+// Checks shared by the CPU and CUDA masked_scatter implementations: out [B, N, D], mask [B, N], rows [M, D] with
+// out's D, dtype and device (M against the mask's count is checked by each implementation).
+inline void check_masked_scatter_args(const at::Tensor& rows, const at::Tensor& mask, const at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 3, "masked_scatter: out must be [B, N, D], got ", shape_str(out));
+  check_masked_rows_mask("masked_scatter", mask, out.size(0), out.size(1), out.device());
+  const int64_t D = out.size(2);
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == D, "masked_scatter: rows must be [M, D] with D = ", D,
+              " like out, got ", shape_str(rows));
+  TORCH_CHECK(rows.scalar_type() == out.scalar_type(), "masked_scatter: rows must have out's dtype ",
+              out.scalar_type(), ", got ", rows.scalar_type());
+  TORCH_CHECK(rows.device() == out.device(), "masked_scatter: rows must be on out's device ", out.device(),
+              ", got ", rows.device());
+}
+
 // Checks shared by the knn implementations.
 inline void check_knn_args(const at::Tensor& queries, const at::Tensor& gallery, int64_t k,
                            std::optional<int64_t> chunk_size) {

@@ -32,6 +32,46 @@ MAX_HEAD_DIM = 128
 
 
 @triton.jit
+def _load_tile(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok, UPCAST: tl.constexpr):
+    """Tile[rows, cols] at base + r * stride_r + c * stride_c, zero where r_ok or c_ok is false; fp32 if UPCAST."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    tile = tl.load(ptrs, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _score_tile(
+    q, kt, bias_base, offs_m, offs_n, m_ok, n_ok, sbm, sbn, qk_scale, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr
+):
+    """Scores in base 2, Tensor[BLOCK_M, BLOCK_N] fp32: q kt * qk_scale (qk_scale = scale * log2(e)), plus the bias
+    tile times log2(e) (0 outside m_ok x n_ok). q: [BLOCK_M, d], kt: [d, BLOCK_N]."""
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        s += _load_tile(bias_base, offs_m, offs_n, sbm, sbn, m_ok, n_ok, True) * 1.4426950408889634  # fp32 bias
+    return s
+
+
+@triton.jit
+def _probs_tile(
+    q, k, lse, bias_base, offs_m, offs_n, m_ok, n_ok, sbm, sbn, qk_scale, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr
+):
+    """P recomputed from the forward's row log-sum-exp (base 2): exp2(S - lse), 0 outside m_ok x n_ok.
+    k: [BLOCK_N, d]."""
+    mn_ok = m_ok[:, None] & n_ok[None, :]
+    s = _score_tile(q, tl.trans(k), bias_base, offs_m, offs_n, m_ok, n_ok, sbm, sbn, qk_scale, HAS_BIAS, DOT_PREC)
+    return tl.where(mn_ok, tl.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _softmax_grad(p, do, v, delta, DOT_PREC: tl.constexpr):
+    """dS = P o (dO V^T - delta), fp32 [BLOCK_M, BLOCK_N]; v: [BLOCK_N, d], delta: [BLOCK_M] = rowsum(dO o O)."""
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, BIAS, O, LSE,
     sqb, sqh, sqn, sqd,
@@ -54,9 +94,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N
     d_ok = offs_d < D_HEAD
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, m_ok, d_ok, UPCAST)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     bias_base = BIAS + b * sbb + h * sbh
@@ -67,13 +105,8 @@ def _attn_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
+        kt = _load_tile(k_base, offs_d, offs_n, skd, skn, d_ok, n_ok, UPCAST)  # K^T tile [d, BLOCK_N]
+        s = _score_tile(q, kt, bias_base, offs_m, offs_n, m_ok, n_ok, sbm, sbn, qk_scale, HAS_BIAS, DOT_PREC)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row whose scores so far are all -inf (a bias mask) keeps a finite reference point: no NaN from inf-inf.
@@ -81,9 +114,7 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
+        v = _load_tile(v_base, offs_n, offs_d, svn, svd, n_ok, d_ok, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -135,11 +166,8 @@ def _attn_bwd_dkdv_kernel(
     n_ok = offs_n < N
     d_ok = offs_d < D_HEAD
     kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K + b * skb + h * skh, offs_n, offs_d, skn, skd, n_ok, d_ok, UPCAST)
+    v = _load_tile(V + b * svb + h * svh, offs_n, offs_d, svn, svd, n_ok, d_ok, UPCAST)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     bias_base = BIAS + b * sbb + h * sbh
@@ -151,23 +179,14 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
-        qd_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_ok, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=qd_ok, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_tile(q_base, offs_m, offs_d, sqn, sqd, m_ok, d_ok, UPCAST)
+        do = _load_tile(do_base, offs_m, offs_d, sdon, sdod, m_ok, d_ok, UPCAST)
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         mn_ok = m_ok[:, None] & n_ok[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=mn_ok, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        p = tl.where(mn_ok, tl.exp2(s - lse[:, None]), 0.0)
+        p = _probs_tile(q, k, lse, bias_base, offs_m, offs_n, m_ok, n_ok, sbm, sbn, qk_scale, HAS_BIAS, DOT_PREC)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        ds = _softmax_grad(p, do, v, delta, DOT_PREC)
         if NEED_DBIAS:
             g_ptr = dbias_base + offs_m[:, None] * sgm + offs_n[None, :] * sgn
             if DBIAS_ATOMIC:
@@ -205,11 +224,8 @@ def _attn_bwd_dq_kernel(
     m_ok = offs_m < N
     d_ok = offs_d < D_HEAD
     qd_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=qd_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, sqd, m_ok, d_ok, UPCAST)
+    do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, sdod, m_ok, d_ok, UPCAST)
     row_base = pid_bh.to(tl.int64) * N
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -221,20 +237,10 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        mn_ok = m_ok[:, None] & n_ok[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=mn_ok, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        p = tl.where(mn_ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        k = _load_tile(k_base, offs_n, offs_d, skn, skd, n_ok, d_ok, UPCAST)
+        v = _load_tile(v_base, offs_n, offs_d, svn, svd, n_ok, d_ok, UPCAST)
+        p = _probs_tile(q, k, lse, bias_base, offs_m, offs_n, m_ok, n_ok, sbm, sbn, qk_scale, HAS_BIAS, DOT_PREC)
+        ds = _softmax_grad(p, do, v, delta, DOT_PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     tl.store(DQ + pid_bh.to(tl.int64) * N * D_HEAD + offs_m[:, None] * D_HEAD + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_ok)
 

@@ -32,12 +32,12 @@ constexpr int64_t kScratchFloats = int64_t{1} << 22;  // 16 MiB of scores per GE
 template <typename T>
 inline bool worse(T va, int64_t ia, T vb, int64_t ib) { return va < vb || (va == vb && ia > ib); }
 
-// Restore the min-heap (root = worst) after the root was replaced.
+// Move the item at i down until no child is worse than it: restores the min-heap (root = worst) below i.
+// Called on the root after the root was replaced, and on every inner node by make_heap.
 template <typename T>
-inline void sift_down(T* v, int64_t* ix, int64_t k) {
-  int64_t i = 0;
-  const T cv = v[0];
-  const int64_t ci = ix[0];
+inline void sift_down(T* v, int64_t* ix, int64_t k, int64_t i = 0) {
+  const T cv = v[i];
+  const int64_t ci = ix[i];
   while (true) {
     int64_t c = 2 * i + 1;
     if (c >= k) break;
@@ -53,22 +53,7 @@ inline void sift_down(T* v, int64_t* ix, int64_t k) {
 
 template <typename T>
 inline void make_heap(T* v, int64_t* ix, int64_t k) {
-  for (int64_t start = k / 2 - 1; start >= 0; --start) {
-    int64_t i = start;
-    const T cv = v[i];
-    const int64_t ci = ix[i];
-    while (true) {
-      int64_t c = 2 * i + 1;
-      if (c >= k) break;
-      if (c + 1 < k && worse(v[c + 1], ix[c + 1], v[c], ix[c])) ++c;
-      if (!worse(v[c], ix[c], cv, ci)) break;
-      v[i] = v[c];
-      ix[i] = ix[c];
-      i = c;
-    }
-    v[i] = cv;
-    ix[i] = ci;
-  }
+  for (int64_t start = k / 2 - 1; start >= 0; --start) sift_down(v, ix, k, start);
 }
 
 template <typename T>

@@ -14,15 +14,8 @@ namespace kdforge::cpu {
 namespace {
 
 at::Tensor masked_scatter_cpu(const at::Tensor& rows_in, const at::Tensor& mask_in, const at::Tensor& out_in) {
-  TORCH_CHECK(out_in.dim() == 3, "masked_scatter: out must be [B, N, D], got ", shape_str(out_in));
-  check_masked_rows_mask("masked_scatter", mask_in, out_in.size(0), out_in.size(1), out_in.device());
+  check_masked_scatter_args(rows_in, mask_in, out_in);
   const int64_t B = out_in.size(0), N = out_in.size(1), D = out_in.size(2);
-  TORCH_CHECK(rows_in.dim() == 2 && rows_in.size(1) == D, "masked_scatter: rows must be [M, D] with D = ", D,
-              " like out, got ", shape_str(rows_in));
-  TORCH_CHECK(rows_in.scalar_type() == out_in.scalar_type(), "masked_scatter: rows must have out's dtype ",
-              out_in.scalar_type(), ", got ", rows_in.scalar_type());
-  TORCH_CHECK(rows_in.device() == out_in.device(), "masked_scatter: rows must be on out's device ", out_in.device(),
-              ", got ", rows_in.device());
 
   const at::Tensor mask = mask_in.contiguous();
   const bool* m = mask.const_data_ptr<bool>();

@@ -40,15 +40,8 @@ __global__ void scatter_rows_kernel(const char* __restrict__ rows, int64_t M, co
 }
 
 at::Tensor masked_scatter_cuda(const at::Tensor& rows_in, const at::Tensor& mask_in, const at::Tensor& out_in) {
-  TORCH_CHECK(out_in.dim() == 3, "masked_scatter: out must be [B, N, D], got ", shape_str(out_in));
-  check_masked_rows_mask("masked_scatter", mask_in, out_in.size(0), out_in.size(1), out_in.device());
+  check_masked_scatter_args(rows_in, mask_in, out_in);
   const int64_t B = out_in.size(0), N = out_in.size(1), D = out_in.size(2), L = B * N;
-  TORCH_CHECK(rows_in.dim() == 2 && rows_in.size(1) == D, "masked_scatter: rows must be [M, D] with D = ", D,
-              " like out, got ", shape_str(rows_in));
-  TORCH_CHECK(rows_in.scalar_type() == out_in.scalar_type(), "masked_scatter: rows must have out's dtype ",
-              out_in.scalar_type(), ", got ", rows_in.scalar_type());
-  TORCH_CHECK(rows_in.device() == out_in.device(), "masked_scatter: rows must be on out's device ", out_in.device(),
-              ", got ", rows_in.device());
   const c10::cuda::CUDAGuard guard(out_in.device());
   at::Tensor result = at::empty({B, N, D}, out_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (L == 0) {

@@ -18,6 +18,7 @@
 
 #include "../../../cuda_common.cuh"
 #include "../../../kdforge.h"
+#include "../whitened_loss_backward.h"
 
 namespace kdforge::cuda {
 namespace {
@@ -164,32 +165,11 @@ std::tuple<at::Tensor, at::Tensor> whitened_loss_cuda(const at::Tensor& student,
 at::Tensor whitened_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_rows,
                                        const std::optional<at::Tensor>& index, c10::SymIntArrayRef student_shape) {
   const c10::cuda::CUDAGuard guard(grad_rows.device());
-  const auto shape = C10_AS_INTARRAYREF_SLOW(student_shape);
-  TORCH_CHECK(!shape.empty(), "whitened_loss_backward: student_shape must be [..., D], got []");
-  const int64_t D = shape.back();
-  const int64_t n = D > 0 ? grad_rows.numel() / D : 0;
-  TORCH_CHECK(grad_loss.numel() == 1 || grad_loss.numel() == n,
-              "whitened_loss_backward: grad_loss must hold one value, or one per selected row (", n,
-              ") for reduction \"none\", got shape ", shape_str(grad_loss));
-  const at::Tensor rows = grad_rows.contiguous();
-  at::Tensor scaled;
-  if (grad_loss.dim() == 0) {
-    scaled = at::mul(rows, grad_loss);  // a 0-dim factor keeps rows' dtype; the math is in float
-  } else {
-    scaled = at::mul(rows.reshape({n, D}), grad_loss.reshape({n, 1})).to(rows.scalar_type());
-  }
-  if (!index.has_value()) {
-    TORCH_CHECK(rows.numel() == c10::multiply_integers(shape), "whitened_loss_backward: grad_rows must have the ",
-                "student's shape ", shape, ", got ", shape_str(rows));
-    return scaled.reshape(shape);
-  }
-  const int64_t R = D > 0 ? c10::multiply_integers(shape) / D : 0;
-  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == index->numel() && rows.size(1) == D,
-              "whitened_loss_backward: grad_rows must be [len(index), D] = [", index->numel(), ", ", D, "], got ",
-              shape_str(rows));
-  at::Tensor out = at::zeros({R, D}, rows.options());
-  out.index_add_(0, *index, scaled.reshape({n, D}));
-  return out.view(shape);
+  return whitened_loss_grad_student(grad_loss, grad_rows, index, C10_AS_INTARRAYREF_SLOW(student_shape),
+                                    [](const at::Tensor& rows, const at::Tensor& scale) {
+                                      // a 0-dim factor keeps rows' dtype; the math is in float
+                                      return at::mul(rows, scale);
+                                    });
 }
 
 }  // namespace
