@@ -73,7 +73,7 @@ def register(goal: Goal) -> Goal:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
 
 
 def speedup(issue: int, text: str, *, label: str, anchor: str, at_least: float) -> Goal:

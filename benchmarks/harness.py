@@ -101,7 +101,19 @@ def device_name(device: torch.device | None = None) -> str:
     device = device if device is not None else bench_device()
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+    return f"cpu ({_cpu_model()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------------------------
