@@ -387,7 +387,7 @@ class Trainer:
         if not bool(torch.isfinite(loss)):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
             raise TrainingDiverged(
-                f"loss became {float(loss)} at step {self.step + 1} (terms: {detail}); the last good checkpoint "
+                f"loss became {loss.item()} at step {self.step + 1} (terms: {detail}); the last good checkpoint "
                 f"is {self.run_dir / 'last.pt'}: lower optim.lr, raise optim.warmup_epochs or set optim.clip_grad, "
                 "then --resume"
             )
