@@ -143,6 +143,8 @@ def attention(
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
     B, H, N, d = q.shape
+    if d == 0:
+        raise ShapeError(f"{op}: the head dim d (last dim of q, k, v) must be >= 1, got shape {tuple(q.shape)}")
     if bias is not None:
         _checks.tensor(op, "bias", bias)
         _checks.floating(op, "bias", bias)
@@ -161,6 +163,10 @@ def attention(
     scale = float(d**-0.5 if scale is None else scale)
 
     chosen = _dispatch.resolve(op, backend, device)
+    if q.numel() == 0:
+        # Nothing to attend (B, H or N is 0): every backend's answer is the reference's, whose graph also reaches
+        # bias (zero gradients rather than None, which SDPA gives for empty inputs).
+        chosen = "reference"
     if chosen == "triton" and backend == "auto" and q.dtype == torch.float32:
         # Exact fp32 products (no silent TF32) run on CUDA cores in the Triton kernel, far from tensor-core speed;
         # SDPA's fp32 path is the better automatic choice. backend="triton" still runs the kernel (IEEE fp32).

@@ -25,7 +25,7 @@ def _gather_triton(x: Tensor, mask: Tensor) -> Tensor:
 
     dim = x.shape[-1]
     with device_guard(x):
-        return gather_rows(x.reshape(-1, dim), mask.reshape(-1))
+        return gather_rows(x.reshape(mask.numel(), dim), mask.reshape(-1))  # explicit rows: D may be 0
 
 
 @_gather_triton.register_fake
@@ -47,7 +47,7 @@ def _merge_triton(
         new = merge_rows(
             rows,
             mask.reshape(-1),
-            out.reshape(-1, dim) if out is not None else None,
+            out.reshape(mask.numel(), dim) if out is not None else None,
             dim=dim,
             dtype=dtype,
         )

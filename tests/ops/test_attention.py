@@ -144,6 +144,25 @@ def test_argument_errors(gen):
         attention(q, k.double(), v)
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("shape", [(0, 2, 5, 32), (2, 0, 5, 32), (2, 2, 0, 32)], ids=["B=0", "H=0", "N=0"])
+def test_empty_inputs(gen, backend, shape):
+    """No batch, heads or tokens: an empty output, and zero gradients for q, k, v and the bias on every backend."""
+    q, k, v = (randn(gen, *shape, requires_grad=True) for _ in range(3))
+    bias = randn(gen, shape[1], shape[2], shape[2], requires_grad=True)
+    out = attention(q, k, v, bias=bias, backend=backend)
+    assert out.shape == shape
+    grads = torch.autograd.grad(out.sum(), [q, k, v, bias])
+    for t, g in zip([q, k, v, bias], grads):
+        assert g.shape == t.shape and torch.count_nonzero(g) == 0
+
+
+def test_zero_head_dim_is_an_error(gen):
+    q = randn(gen, 1, 2, 3, 0)
+    with pytest.raises(ShapeError, match="head dim d .* must be >= 1"):
+        attention(q, q, q)
+
+
 def test_opcheck_custom_ops(gen):
     q, k, v = _qkv(gen, 1, 2, 9, 16)
     bias = randn(gen, 2, 9, 9, requires_grad=True)

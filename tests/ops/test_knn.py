@@ -124,6 +124,25 @@ def test_reference_streams_chunks_never_the_whole_gallery(gen, monkeypatch):
         torch.testing.assert_close(s, results[0][0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["ext"])
+@pytest.mark.parametrize("where", ["device", "memmap"])
+def test_no_queries(gen, backend, where, tmp_path):
+    """Q = 0: empty [0, k] answers in the promised dtypes, without reading the gallery."""
+    if backend == "ext":
+        from kdforge import _ext
+
+        if not _ext.available():
+            pytest.skip(f"kdforge._C is not built here: {_ext.unavailable_reason()}")
+    gallery = randn(gen, 40, 8)
+    if where == "memmap":
+        mm = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float32, shape=(40, 8))
+        mm[:] = gallery.cpu().numpy()
+        gallery = mm
+    scores, indices = knn(randn(gen, 0, 8), gallery, 5, backend=backend)
+    assert scores.shape == (0, 5) and indices.shape == (0, 5)
+    assert scores.dtype == torch.float32 and indices.dtype == torch.int64
+
+
 def test_argument_errors(gen):
     queries, gallery = randn(gen, 3, 8), randn(gen, 10, 8)
     with pytest.raises(ValueError, match=r"k must be an int in \[1, G=10\]"):

@@ -71,6 +71,25 @@ def test_all_false_and_all_true_masks(gen, backend):
     assert torch.equal(masked_gather(x, every, backend=backend), x.detach().reshape(-1, D))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference", "ext"])
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8), (2, 5, 0)], ids=["B=0", "N=0", "D=0"])
+def test_empty_inputs(gen, backend, shape):
+    """Empty batch, sequence or feature dim: shapes as for any other input, zero-sized gradients, no error."""
+    if backend == "ext":
+        from kdforge import _ext
+
+        if not _ext.available():
+            pytest.skip(f"kdforge._C is not built here: {_ext.unavailable_reason()}")
+    x = randn(gen, *shape, requires_grad=True)
+    mask = _mask(gen, *shape[:2])
+    rows = masked_gather(x, mask, backend=backend)
+    assert rows.shape == (int(mask.sum()), shape[2])
+    (grad,) = torch.autograd.grad(rows.sum(), x)
+    assert grad.shape == x.shape
+    out = masked_scatter(rows.detach(), mask, torch.zeros(shape, device=DEVICE), backend=backend)
+    assert out.shape == shape
+
+
 def test_non_contiguous_inputs(gen):
     base = randn(gen, N, B, 2 * D, requires_grad=True)
     x = base.transpose(0, 1)[..., ::2]  # [B, N, D] with odd strides
