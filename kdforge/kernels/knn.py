@@ -6,8 +6,9 @@ from the same gallery tiles the dot product reads) and the launcher reports ||q|
 
 Packed keys. Each (score, gallery index) pair becomes one int64 whose signed order is "better score, then lower
 index": the fp32 bits of s mapped to an order-preserving int32 (negative floats have their magnitude bits
-flipped; -0.0 is folded into +0.0 first), in the high word, and 0xFFFFFFFF - index in the low word. A top-k of keys
-is then a top-k of scores with ties going to the lower index, with no separate index bookkeeping.
+flipped; -0.0 is folded into +0.0 and NaN into -inf first), in the high word, and 0xFFFFFFFF - index in the low
+word. A top-k of keys is then a top-k of scores with ties going to the lower index, with no separate index
+bookkeeping.
 
 Running top-k (k <= 256). Each program owns BLOCK_Q queries and a slice of the gallery, and keeps its best
 K = next_pow2(k) keys sorted ascending in registers. For each gallery tile of K columns: the tile's keys are
@@ -82,6 +83,7 @@ def _knn_kernel(
         else:
             score = acc
         score = tl.where(score == 0.0, 0.0, score)  # -0.0 and +0.0 must pack to one key
+        score = tl.where(score != score, float("-inf"), score)  # NaN ranks last, as -inf
         bits = score.to(tl.int32, bitcast=True)
         ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         gidx = offs_g.to(tl.int64) + index_offset

@@ -72,7 +72,8 @@ def knn(
     to the queries' dtype. metric "ip": largest inner product first; "l2": smallest squared Euclidean distance
     first, reported as the squared distance. 1 <= k <= G (and <= 1024 on the triton backend).
     ``chunk_size``: gallery rows per chunk (default: a memory budget). Equal scores are ordered by the lower
-    gallery index. Returns (scores Tensor[Q, k] float32, indices LongTensor[Q, k]), best first.
+    gallery index; a NaN score (a NaN in the query or the gallery row) ranks last and is reported as -inf (ip) or
+    +inf (l2). Returns (scores Tensor[Q, k] float32, indices LongTensor[Q, k]), best first.
     ``backend``: "auto" | "reference" | "triton" | "ext".
     """
     op = "knn"

@@ -9,6 +9,7 @@ inputs and float64 for float64 inputs (so ``torch.autograd.gradcheck`` can run o
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -165,7 +166,8 @@ def knn(
 
     queries: Tensor[Q, D]; gallery: Tensor[G, D] or a numpy array / memmap [G, D] (copied chunk by chunk to the
     queries' device). metric "ip": largest inner product first; "l2": smallest squared Euclidean distance first
-    (the squared distance is reported). Returns (scores Tensor[Q, k] float32 (float64 for float64 queries),
+    (the squared distance is reported). A NaN score (a NaN in the query or gallery row) counts as the worst score:
+    it ranks last and is reported as -inf (ip) or +inf (l2). Returns (scores Tensor[Q, k] float32 (float64 for float64 queries),
     indices LongTensor[Q, k]), best first; equal scores are ordered by the lower gallery index.
     """
     if metric not in ("ip", "l2"):
@@ -183,6 +185,7 @@ def knn(
         dots = q @ g.T
         # l2 ranks by the negated squared distance so that "larger is better" holds for both metrics.
         scores = dots if metric == "ip" else -((q_sq + (g * g).sum(dim=1)[None, :] - 2 * dots).clamp_min(0))
+        scores = scores.masked_fill(scores.isnan(), -math.inf)  # a NaN score (NaN in a row) ranks last
         s, i = _best_k(scores, min(k, stop - start))
         # Running entries come from earlier chunks (lower indices) and each part is ordered (score desc, index
         # asc), so a stable sort of [running, new] keeps ties ordered by index.

@@ -125,6 +125,30 @@ def test_reference_streams_chunks_never_the_whole_gallery(gen, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["ext"])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_nan_rows_rank_last(gen, backend, metric):
+    """A gallery row holding a NaN (a corrupt embedding) scores as the worst possible (-inf ip / +inf l2): it
+    never displaces a real neighbour, and where k reaches it, the NaN rows come last in index order."""
+    if backend == "ext":
+        from kdforge import _ext
+
+        if not _ext.available():
+            pytest.skip(f"kdforge._C is not built here: {_ext.unavailable_reason()}")
+    queries, gallery = randn(gen, 5, 8), randn(gen, 30, 8)
+    bad = [0, 7, 19]
+    gallery[bad, 3] = float("nan")
+    good = torch.tensor([i for i in range(30) if i not in bad])
+    exp_s, exp_i = _faiss(queries, gallery[good.to(gallery.device)], 27, metric)
+    scores, indices = knn(queries, gallery, 30, metric=metric, backend=backend)
+    assert_same_up_to_ties(scores[:, :27], indices[:, :27], exp_s, good[torch.as_tensor(exp_i)], atol=1e-4)
+    assert indices[:, 27:].tolist() == [bad] * 5
+    worst = float("-inf") if metric == "ip" else float("inf")
+    assert (scores[:, 27:] == worst).all()
+    _, top3 = knn(queries, gallery, 3, metric=metric, backend=backend)
+    torch.testing.assert_close(top3.cpu(), indices[:, :3].cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["ext"])
 @pytest.mark.parametrize("where", ["device", "memmap"])
 def test_no_queries(gen, backend, where, tmp_path):
     """Q = 0: empty [0, k] answers in the promised dtypes, without reading the gallery."""
