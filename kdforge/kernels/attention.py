@@ -6,6 +6,7 @@ Forward, per query block (online softmax; never materialises the [N, N] scores):
     running max m, running sum l: for each key block,  m' = max(m, rowmax(S_blk)),
     l' = l * exp(m - m') + rowsum(exp(S_blk - m')),  acc' = acc * exp(m - m') + exp(S_blk - m') V_blk
     O = acc / l,  and the row log-sum-exp  lse = m + log(l)  is kept for the backward pass.
+    A row whose keys are all masked (-inf bias) has l = 0: O = 0 and lse = +inf, so it gets no gradient either.
 
 Scores are handled in base 2 (S * log2(e), exp2) as the hardware's exp2 is the fast path; lse is stored in that
 unit.
@@ -117,10 +118,14 @@ def _attn_fwd_kernel(
         v = _load_tile(v_base, offs_n, offs_d, svn, svd, n_ok, d_ok, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
-    out = acc / l_i[:, None]
+    # l_i >= 1 unless every key of the row is masked (-inf): such a row attends to nothing, its output is 0, and
+    # its lse is +inf so that the backward pass recomputes P = exp2(S - lse) = 0 for it (no gradient, no NaN).
+    dead = l_i == 0.0
+    out = acc / tl.where(dead, 1.0, l_i)[:, None]
     o_off = pid_bh.to(tl.int64) * N * D_HEAD + offs_m[:, None] * D_HEAD + offs_d[None, :]
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    lse = tl.where(dead, float("inf"), m_i + tl.log2(tl.where(dead, 1.0, l_i)))
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=m_ok)
 
 
 @triton.jit

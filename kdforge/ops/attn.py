@@ -122,7 +122,9 @@ def attention(
     q, k, v: Tensor[B, H, N, d] of one dtype (float16 / bfloat16 / float32; float64 on "reference" and "sdpa"),
     any N; the triton backend takes head dims 16..128. ``bias``: additive, broadcastable to [B, H, N, N] (a
     relative position bias shared by the batch is [H, N, N]); it receives a gradient when it requires one.
-    ``scale`` defaults to d ** -0.5. Returns Tensor[B, H, N, d] in q's dtype.
+    ``scale`` defaults to d ** -0.5. Returns Tensor[B, H, N, d] in q's dtype. A query whose every key is masked
+    (bias -inf on its whole row) attends to nothing: output 0 and no gradient, on every backend but "xformers"
+    (whose convention is its own), where a plain softmax would give NaN.
 
     ``backend``: "auto" | "triton" | "sdpa" (torch.nn.functional.scaled_dot_product_attention with
     attn_mask=bias) | "xformers" (memory_efficient_attention, where installed) | "reference" (materialises the

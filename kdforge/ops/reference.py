@@ -101,14 +101,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, sc
     """softmax(q k^T * scale + bias) v for q, k, v: Tensor[B, H, N, d]; bias broadcastable to [B, H, N, N].
 
     ``scale`` defaults to d ** -0.5. Materialises the [B, H, N, N] scores (small inputs only). The result has q's
-    dtype; the arithmetic is float32 (float64 for float64 inputs).
+    dtype; the arithmetic is float32 (float64 for float64 inputs). A query whose every key is masked out (bias
+    -inf on its whole row) attends to nothing: its output is 0 and it passes no gradient (as torch SDPA does),
+    where a plain softmax would give NaN.
     """
     acc = compute_dtype(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
     if bias is not None:
         scores = scores + bias.to(acc)
-    return torch.matmul(torch.softmax(scores, dim=-1), v.to(acc)).to(q.dtype)
+    dead = scores.isneginf().all(dim=-1, keepdim=True)  # fully masked rows, [..., N, 1]
+    probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return torch.matmul(probs, v.to(acc)).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

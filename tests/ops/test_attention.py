@@ -71,6 +71,30 @@ def test_masking_bias_with_minus_inf(gen):
     torch.testing.assert_close(attention(q, k, v2, bias=bias, backend="triton"), out.detach())
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+def test_fully_masked_query_rows(gen, backend):
+    """Queries whose every key is masked (-inf on the whole bias row) output 0 and get no gradient, as torch SDPA
+    does, and do not spoil the other rows (no NaN anywhere); the other rows match a reference run without them."""
+    B, H, N, d = 2, 2, 19, 32
+    q, k, v = _qkv(gen, B, H, N, d)
+    bias = randn(gen, H, N, N)
+    dead = [0, 5, 18]
+    bias[:, dead, :] = float("-inf")
+    bias[1, :, 3] = float("-inf")  # one masked key everywhere as well
+    bias.requires_grad_(True)
+    out = attention(q, k, v, bias=bias, backend=backend)
+    grad_out = randn(gen, *out.shape, scale=2.0)
+    dq, dk, dv, dbias = torch.autograd.grad(out, [q, k, v, bias], grad_out)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv), ("dbias", dbias)):
+        assert not t.isnan().any(), f"NaN in {name}"
+    assert torch.count_nonzero(out[:, :, dead]) == 0 and torch.count_nonzero(dq[:, :, dead]) == 0
+    assert torch.count_nonzero(dbias[:, dead]) == 0
+    live = [i for i in range(N) if i not in dead]
+    ref = reference.attention(q.detach()[:, :, live], k.detach(), v.detach(), bias=bias.detach()[:, live])
+    close(out[:, :, live], ref, torch.float32, factor=4)
+    _check(gen, q, k, v, bias, backend)  # every output and gradient against the reference's (same convention)
+
+
 def test_non_contiguous_qkv(gen):
     """q, k, v as views of one [B, N, 3, H, d] projection (the usual ViT layout): arbitrary strides."""
     B, N, H, d = 2, 29, 2, 32
