@@ -185,6 +185,18 @@ def test_argument_errors(gen):
         knn(queries, randn(gen, 1100, 8), 1025, backend="triton")
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_torch_compile_fullgraph(gen, metric):
+    """torch.compile(fullgraph=True) traces the Triton knn custom op; the answer is the eager one."""
+    queries, gallery = randn(gen, 5, 16), randn(gen, 40, 16)
+    search = lambda q, g: knn(q, g, 4, metric=metric, backend="triton")  # noqa: E731
+    compiled = torch.compile(search, fullgraph=True, backend="aot_eager")
+    scores, indices = compiled(queries, gallery)
+    exp_scores, exp_indices = knn(queries, gallery, 4, metric=metric, backend="reference")
+    assert torch.equal(indices, exp_indices)
+    torch.testing.assert_close(scores, exp_scores)
+
+
 def test_ext_backend_unavailable_is_clear(gen, monkeypatch):
     import sys
     import types

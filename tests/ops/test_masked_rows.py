@@ -168,6 +168,23 @@ def test_opcheck_custom_ops(gen):
     torch.library.opcheck(torch.ops.kdforge_triton.masked_merge, (None, mask, x, [2, 5, 7], torch.float32))
 
 
+def test_torch_compile_fullgraph(gen):
+    """torch.compile(fullgraph=True) traces gather -> scale -> scatter (a data-dependent row count) and its
+    backward through the Triton custom ops, with the eager results."""
+    x = randn(gen, 2, 7, 16, requires_grad=True)
+    mask = _mask(gen, 2, 7, p=0.5)
+
+    def fn(x, mask):
+        return masked_scatter(masked_gather(x, mask, backend="triton") * 2, mask, x, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    grad_out = randn(gen, 2, 7, 16)
+    got = compiled(x, mask)
+    expected = fn(x, mask)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad_out)[0], torch.autograd.grad(expected, x, grad_out)[0])
+
+
 @gpu_only
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
