@@ -6,6 +6,7 @@ any package imports kdforge; on a CUDA machine it is left alone and the compiled
 """
 
 import os
+import zlib
 
 import torch
 
@@ -25,3 +26,30 @@ def _fresh_registry():
     reset_registry()
     yield
     reset_registry()
+
+
+@pytest.fixture
+def gen(request):
+    """A fresh, reproducible generator per test case, seeded from the test id (printed, shown on failure)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def require_ext():
+    """The built kdforge._C: a test that needs it is skipped with the reason printed where it is not built, except
+    on CI (CI=true), where building it is part of the job: there it fails, so a broken build cannot pass as
+    "skipped"."""
+    from kdforge import _ext
+
+    if not _ext.available():
+        reason = f"kdforge._C is not available: {_ext.unavailable_reason()}"
+        if _on_ci():
+            pytest.fail(f"{reason} (CI=true: the extension must be built before the tests run)", pytrace=False)
+        pytest.skip(reason)
+    return _ext

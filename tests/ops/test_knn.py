@@ -126,14 +126,11 @@ def test_reference_streams_chunks_never_the_whole_gallery(gen, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["ext"])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_nan_rows_rank_last(gen, backend, metric):
+def test_nan_rows_rank_last(request, gen, backend, metric):
     """A gallery row holding a NaN (a corrupt embedding) scores as the worst possible (-inf ip / +inf l2): it
     never displaces a real neighbour, and where k reaches it, the NaN rows come last in index order."""
     if backend == "ext":
-        from kdforge import _ext
-
-        if not _ext.available():
-            pytest.skip(f"kdforge._C is not built here: {_ext.unavailable_reason()}")
+        request.getfixturevalue("require_ext")
     queries, gallery = randn(gen, 5, 8), randn(gen, 30, 8)
     bad = [0, 7, 19]
     gallery[bad, 3] = float("nan")
@@ -150,13 +147,10 @@ def test_nan_rows_rank_last(gen, backend, metric):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["ext"])
 @pytest.mark.parametrize("where", ["device", "memmap"])
-def test_no_queries(gen, backend, where, tmp_path):
+def test_no_queries(request, gen, backend, where, tmp_path):
     """Q = 0: empty [0, k] answers in the promised dtypes, without reading the gallery."""
     if backend == "ext":
-        from kdforge import _ext
-
-        if not _ext.available():
-            pytest.skip(f"kdforge._C is not built here: {_ext.unavailable_reason()}")
+        request.getfixturevalue("require_ext")
     gallery = randn(gen, 40, 8)
     if where == "memmap":
         mm = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float32, shape=(40, 8))

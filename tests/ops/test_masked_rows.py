@@ -73,13 +73,10 @@ def test_all_false_and_all_true_masks(gen, backend):
 
 @pytest.mark.parametrize("backend", ["triton", "reference", "ext"])
 @pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8), (2, 5, 0)], ids=["B=0", "N=0", "D=0"])
-def test_empty_inputs(gen, backend, shape):
+def test_empty_inputs(request, gen, backend, shape):
     """Empty batch, sequence or feature dim: shapes as for any other input, zero-sized gradients, no error."""
     if backend == "ext":
-        from kdforge import _ext
-
-        if not _ext.available():
-            pytest.skip(f"kdforge._C is not built here: {_ext.unavailable_reason()}")
+        request.getfixturevalue("require_ext")
     x = randn(gen, *shape, requires_grad=True)
     mask = _mask(gen, *shape[:2])
     rows = masked_gather(x, mask, backend=backend)
