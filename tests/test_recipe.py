@@ -102,8 +102,9 @@ def test_cli_dry_run_prints_resolved_recipe(tmp_path):
     assert resolved["train"]["epochs"] == 7 and resolved["student"]["plugin"] == "timm"
 
 
-def test_proteus_recipe_dry_run_and_missing_imagenet(tmp_path):
-    recipe = REPO / "plugins" / "proteus.toml"
+@pytest.mark.parametrize("name", ["proteus.toml", "fd.toml"])
+def test_shipped_recipe_dry_run_and_missing_imagenet(tmp_path, name):
+    recipe = REPO / "plugins" / name
     env = {k: v for k, v in __import__("os").environ.items() if k != "IMAGENET_DIR"}
     res = kdforge("train", recipe, "--dry-run", env=env)
     assert res.returncode == 0, res.stderr

@@ -103,8 +103,10 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        # Norms, biases, tokens and position embeddings are not decayed (timm / DeiT convention).
-        if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name:
+        # Norms, biases, tokens, position embeddings and relative position bias tables are not decayed (timm /
+        # DeiT / BEiT convention).
+        position = "pos_embed" in name or "rel_pos_bias" in name
+        if p.ndim <= 1 or name.endswith(".bias") or "token" in name or position:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -8,7 +8,7 @@ own ``forward_features`` does next (registers, RoPE, patch dropout, ``dynamic_im
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,17 +24,54 @@ from kdforge.teachers.timm_utils import (
     split_tokens,
 )
 
-__all__ = ["KdforgeAttention", "TimmStudent"]
+__all__ = ["KdforgeAttention", "RelativePositionBias", "TimmStudent"]
+
+
+class RelativePositionBias(nn.Module):
+    """A learned additive attention bias that depends only on the relative position of two patches (BEiT; FD
+    shares one across all blocks, papers/004 "shared RPB").
+
+    One value per head for each of the (2 gh - 1)(2 gw - 1) offsets between two patches of a gh x gw grid, and
+    three more for the prefix (class / register) tokens: prefix -> patch, patch -> prefix and prefix -> prefix.
+    The table starts at zero (no bias). ``forward()`` gives the bias Tensor[H, N, N], N = prefix + gh * gw.
+    """
+
+    def __init__(self, grid: tuple[int, int], num_heads: int, num_prefix_tokens: int):
+        super().__init__()
+        gh, gw = grid
+        self.grid, self.num_prefix_tokens = (gh, gw), num_prefix_tokens
+        num_offsets = (2 * gh - 1) * (2 * gw - 1)
+        self.table = nn.Parameter(torch.zeros(num_offsets + 3, num_heads))
+        rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        rows, cols = rows.reshape(-1), cols.reshape(-1)
+        offset = (rows[:, None] - rows[None, :] + gh - 1) * (2 * gw - 1) + (cols[:, None] - cols[None, :] + gw - 1)
+        p = num_prefix_tokens
+        index = torch.empty(p + gh * gw, p + gh * gw, dtype=torch.long)
+        index[p:, p:] = offset
+        index[:p, p:] = num_offsets  # a prefix token attending to a patch
+        index[p:, :p] = num_offsets + 1  # a patch attending to a prefix token
+        index[:p, :p] = num_offsets + 2
+        self.register_buffer("index", index, persistent=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.index.shape[0]
+
+    def forward(self) -> Tensor:
+        return self.table[self.index].permute(2, 0, 1).contiguous()
 
 
 class KdforgeAttention(nn.Module):
     """timm's ``Attention`` with the score-softmax-value product computed by :func:`kdforge.ops.attention`.
 
     It takes over the timm module's own layers under the same names (qkv, q_norm, k_norm, norm, proj, ...), so
-    state dicts are interchangeable with attention = "timm" and the two give the same outputs.
+    state dicts are interchangeable with attention = "timm" and the two give the same outputs (unless a relative
+    position bias is added, whose tables live on the student).
     """
 
-    def __init__(self, attn: nn.Module, backend: str = "auto"):
+    def __init__(self, attn: nn.Module, backend: str = "auto", bias: Callable[[], Tensor] | None = None):
+        """``bias``: a function giving the additive bias Tensor[H, N, N] of every call (a relative position bias's
+        forward; the module itself lives on the student, so that one bias can be shared by all blocks)."""
         super().__init__()
         if attn.attn_drop.p > 0:
             raise KdforgeError(
@@ -48,6 +85,7 @@ class KdforgeAttention(nn.Module):
         self.norm, self.proj, self.proj_drop = attn.norm, attn.proj, attn.proj_drop
         self.attn_drop = attn.attn_drop  # kept (p == 0) so that the module tree matches timm's
         self.gate = getattr(attn, "gate", None)
+        self.bias_fn = bias
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         from kdforge.ops import attention  # imported here: kdforge.ops pulls in kernels only when used
@@ -59,7 +97,13 @@ class KdforgeAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, N, d]
         q, k = self.q_norm(q), self.k_norm(k)
-        x = attention(q, k, v, bias=None, scale=self.scale, backend=self.backend)
+        bias = self.bias_fn() if self.bias_fn is not None else None
+        if bias is not None and bias.shape[-1] != n:
+            raise KdforgeError(
+                f"[student] the relative position bias covers {bias.shape[-1]} tokens but the input has {n}: feed "
+                "images of the size the student was built for (student.model_kwargs.img_size)"
+            )
+        x = attention(q, k, v, bias=bias, scale=self.scale, backend=self.backend)
         x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
@@ -86,6 +130,10 @@ class TimmStudent(Student):
         """Attention computation: timm's own, or kdforge.ops.attention (fused kernels) with the same weights."""
         attention_backend: Literal["auto", "triton", "sdpa", "xformers", "reference"] = "auto"
         """Backend of kdforge.ops.attention when attention = "kdforge"."""
+        rel_pos_bias: Literal["none", "shared", "per_block"] = "none"
+        """Relative position bias added to the attention scores (needs attention = "kdforge"): one table shared by
+        all blocks (FD's default, papers/004) or one per block (BEiT); "none" keeps only the model's pos_embed
+        (FD drops it: model_kwargs.pos_embed = "none")."""
         mask_token_init: Literal["zeros", "trunc_normal"] = "zeros"
         """Initial mask token: zeros (DINOv2) or truncated normal with std 0.02 (iBOT / BEiT)."""
         grad_checkpointing: bool = False
@@ -98,6 +146,10 @@ class TimmStudent(Student):
         def __post_init__(self):
             if not 0.0 <= self.drop_path_rate < 1.0:
                 raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+            if self.rel_pos_bias != "none" and self.attention != "kdforge":
+                raise ValueError(
+                    f"rel_pos_bias = '{self.rel_pos_bias}' is added by kdforge's attention: set attention = 'kdforge'"
+                )
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -126,11 +178,11 @@ class TimmStudent(Student):
         m.patch_embed.register_forward_hook(self._substitute_masked)
 
         if cfg.attention == "kdforge":
-            self._use_kdforge_attention(cfg.attention_backend)
+            self._use_kdforge_attention(cfg.attention_backend, cfg.rel_pos_bias)
         if cfg.grad_checkpointing:
             m.set_grad_checkpointing(True)
 
-    def _use_kdforge_attention(self, backend: str) -> None:
+    def _use_kdforge_attention(self, backend: str, rel_pos_bias: str) -> None:
         from timm.layers import Attention
 
         blocks = list(self.model.blocks)
@@ -140,8 +192,22 @@ class TimmStudent(Student):
                 f"[student] attention = 'kdforge' replaces timm.layers.Attention, but '{self.model_name}' uses "
                 f"{', '.join(sorted(kinds))} (RoPE or relative-position attention): set attention = 'timm'"
             )
-        for blk in blocks:
-            blk.attn = KdforgeAttention(blk.attn, backend)
+        biases: list[Callable[[], Tensor] | None] = [None] * len(blocks)
+        if rel_pos_bias != "none":
+            grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
+            heads, prefix = blocks[0].attn.num_heads, self.model.num_prefix_tokens
+
+            def make() -> RelativePositionBias:
+                return RelativePositionBias(grid, heads, prefix)
+
+            if rel_pos_bias == "shared":
+                self.rel_pos_bias = make()
+                biases = [self.rel_pos_bias.forward] * len(blocks)
+            else:
+                self.rel_pos_biases = nn.ModuleList(make() for _ in blocks)
+                biases = [b.forward for b in self.rel_pos_biases]
+        for blk, bias in zip(blocks, biases):
+            blk.attn = KdforgeAttention(blk.attn, backend, bias)
 
     def _substitute_masked(self, module: nn.Module, args, out):
         mask = self._pending_mask

@@ -1,6 +1,6 @@
 """The embedded teacher: trained once on embedded labelled data, cached atomically, loaded without training after.
 
-The default configuration's full training is exercised for real by tests/test_proteus_smoke.py; here the model and
+The default configuration's full training is exercised for real by tests/test_recipe_smoke.py; here the model and
 data are tiny so that the cache logic is tested in seconds.
 """
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from kdforge.errors import KdforgeError, RecipeError, ShapeError
 from kdforge.plugins import create, get_registry
 from kdforge.students import ProjectionHead, StudentOutput, check_grids, resize_patches
-from kdforge.students.timm_student import KdforgeAttention, TimmStudent
+from kdforge.students.timm_student import KdforgeAttention, RelativePositionBias, TimmStudent
 from model_helpers import TINY_MODEL, TINY_VIT
 
 
@@ -171,6 +171,105 @@ def test_kdforge_attention_calls_kdforge_ops(monkeypatch):
     assert len(calls) == 2  # one per block
     shape, kwargs = calls[0]
     assert shape == (3, 2, 17, 16) and kwargs["bias"] is None and kwargs["scale"] == pytest.approx(16**-0.5)
+
+
+def test_relative_position_bias_depends_on_the_offset_only():
+    """Bias[h, i, j] is the table row of patch j's offset from patch i (the same offset, the same value); prefix
+    tokens use three rows of their own (prefix -> patch, patch -> prefix, prefix -> prefix)."""
+    gh, gw, prefix, heads = 3, 4, 2, 5
+    rpb = RelativePositionBias((gh, gw), heads, prefix)
+    assert rpb.table.shape == ((2 * gh - 1) * (2 * gw - 1) + 3, heads)
+    assert torch.count_nonzero(rpb()) == 0  # starts as no bias
+    with torch.no_grad():
+        rpb.table.copy_(torch.randn(rpb.table.shape, generator=torch.Generator().manual_seed(0)))
+    bias = rpb()
+    assert bias.shape == (heads, prefix + gh * gw, prefix + gh * gw) and bias.is_contiguous()
+    pos = [(r, c) for r in range(gh) for c in range(gw)]
+    by_offset = {}
+    for i, (ri, ci) in enumerate(pos):
+        for j, (rj, cj) in enumerate(pos):
+            value = bias[:, prefix + i, prefix + j]
+            seen = by_offset.setdefault((ri - rj, ci - cj), value)
+            assert torch.equal(seen, value)
+    assert len(by_offset) == (2 * gh - 1) * (2 * gw - 1)  # every offset has its own row
+    rows = torch.stack(list(by_offset.values()))
+    special = [bias[:, 0, prefix:], bias[:, prefix:, 1], bias[:, :prefix, :prefix].reshape(heads, -1)]
+    for block in special:  # one value per head across the block, distinct from every offset's
+        assert torch.equal(block, block[:, :1].expand_as(block))
+        assert not (rows == block[:, 0]).all(dim=1).any()
+
+
+def _rpb_student(kind, **overrides):
+    kwargs = {**TINY_VIT, "pos_embed": "none", "reg_tokens": 1}
+    return _student(model_kwargs=kwargs, attention="kdforge", rel_pos_bias=kind, **overrides)
+
+
+def test_shared_relative_position_bias_reaches_every_block(monkeypatch):
+    import kdforge.ops
+
+    s = _rpb_student("shared")
+    assert s.model.pos_embed is None
+    assert [n for n, _ in s.named_parameters() if "rel_pos" in n] == ["rel_pos_bias.table"]
+    assert "rel_pos_bias.table" in s.state_dict() and not any("index" in k for k in s.state_dict())
+    with torch.no_grad():
+        s.rel_pos_bias.table.normal_()
+    seen, real = [], kdforge.ops.attention
+    monkeypatch.setattr(kdforge.ops, "attention", lambda *a, **kw: seen.append(kw["bias"]) or real(*a, **kw))
+    out = s(_images())
+    assert len(seen) == 2 and all(torch.equal(b, s.rel_pos_bias()) for b in seen)
+    assert seen[0].shape == (2, 18, 18)  # heads, 1 cls + 1 register + 16 patches
+    out.patches.square().sum().backward()
+    assert s.rel_pos_bias.table.grad is not None and torch.count_nonzero(s.rel_pos_bias.table.grad) > 0
+
+
+def test_relative_position_bias_changes_the_output_and_backends_agree():
+    x = _images()
+    a = _rpb_student("per_block", attention_backend="reference")
+    b = _rpb_student("per_block", attention_backend="auto")
+    assert [n for n, _ in a.named_parameters() if "rel_pos" in n] == ["rel_pos_biases.0.table", "rel_pos_biases.1.table"]
+    b.load_state_dict(a.state_dict())
+    plain = a(x).patches.detach()
+    with torch.no_grad():
+        for m in (a, b):
+            for i, rpb in enumerate(m.rel_pos_biases):
+                rpb.table.copy_(torch.randn(rpb.table.shape, generator=torch.Generator().manual_seed(i)))
+    out_a, out_b = a(x), b(x)
+    assert (out_a.patches - plain).abs().max() > 1e-2  # the bias is used
+    torch.testing.assert_close(out_b.patches, out_a.patches, atol=1e-5, rtol=1e-4)
+    out_a.patches.sum().backward()
+    out_b.patches.sum().backward()
+    for ra, rb in zip(a.rel_pos_biases, b.rel_pos_biases):
+        torch.testing.assert_close(rb.table.grad, ra.table.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_relative_position_bias_with_grad_checkpointing():
+    x = _images()
+    grads = []
+    for ckpt in (False, True):
+        s = _rpb_student("shared", grad_checkpointing=ckpt)
+        with torch.no_grad():
+            s.rel_pos_bias.table.normal_(generator=torch.Generator().manual_seed(0))
+        s(x).patches.square().sum().backward()
+        grads.append(s.rel_pos_bias.table.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_relative_position_bias_errors_and_weight_decay():
+    from kdforge.engine.trainer import _param_groups
+
+    with pytest.raises(RecipeError, match="attention = 'kdforge'"):
+        _student(rel_pos_bias="shared")
+    dynamic = _student(
+        model_kwargs={**TINY_VIT, "pos_embed": "none", "reg_tokens": 1, "dynamic_img_size": True},
+        attention="kdforge",
+        rel_pos_bias="shared",
+    )
+    with pytest.raises(KdforgeError, match="covers 18 tokens but the input has 38"):
+        dynamic(_images(size=24))
+    s = _rpb_student("shared")
+    decay, no_decay = _param_groups(s, 0.05)
+    assert any(p is s.rel_pos_bias.table for p in no_decay["params"])
+    assert not any(p is s.rel_pos_bias.table for p in decay["params"])
 
 
 def test_kdforge_attention_refuses_what_it_cannot_do():
