@@ -1,4 +1,4 @@
-"""``kdforge`` command line: train, diagnose, plugins, info.
+"""``kdforge`` command line: train, diagnose (curves, attention), plugins, info.
 
 Every user error (bad recipe, missing data, mismatched shapes) prints one message and exits with code 2.
 """
@@ -32,12 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                        help="continue from CHECKPOINT (default: <output-dir>/last.pt)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    diagnose = sub.add_parser("diagnose", help="look into a run: training curves")
+    diagnose = sub.add_parser("diagnose", help="look into a run: training curves, attention")
     diagnostics = diagnose.add_subparsers(dest="diagnostic", required=True)
     curves = diagnostics.add_parser("curves", help="plot loss terms, lr, throughput and evaluations against the step")
     curves.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding metrics.jsonl (or the file itself)")
     curves.add_argument("--out", metavar="PATH", help="image to write (default: RUN_DIR/curves.png; .pdf and .svg "
                         "work too)")
+    attn = diagnostics.add_parser("attention", help="attention distance per head, similarity between heads and "
+                                  "average attention maps of a run's student (papers/004) -> attention.png/.json")
+    attn.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding recipe.toml and last.pt")
+    attn.add_argument("--checkpoint", metavar="PATH", help="weights to load (default: RUN_DIR/last.pt)")
+    attn.add_argument("--images", type=int, default=64, metavar="N", help="evaluation images to average over (64)")
+    attn.add_argument("--out", metavar="PATH", help="image to write (default: RUN_DIR/attention.png; the JSON goes "
+                      "beside it)")
     plugins = sub.add_parser("plugins", help="list every registered component with its kind and origin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("info", help="versions, devices and which op backends are available here (and why not)")
@@ -74,6 +81,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def diagnose_attention(args) -> str:
+    from kdforge.diagnostics.attention import analyse_run
+
+    if args.images < 1:
+        raise KdforgeError(f"--images must be >= 1, got {args.images}")
+    json_path, image = analyse_run(args.run_dir, checkpoint=args.checkpoint, num_images=args.images, out=args.out)
+    return f"attention: {image} and {json_path}"
+
+
 def diagnose_curves(args) -> str:
     from kdforge.diagnostics.curves import plot_curves
 
@@ -81,7 +97,7 @@ def diagnose_curves(args) -> str:
 
 
 def cmd_diagnose(args) -> int:
-    handler = {"curves": diagnose_curves}[args.diagnostic]
+    handler = {"curves": diagnose_curves, "attention": diagnose_attention}[args.diagnostic]
     # A diagnostic that works around damage (a half-written line) warns: say so as the rest of the CLI speaks.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
