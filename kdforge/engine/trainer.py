@@ -98,6 +98,11 @@ class SeededItems(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
+def _pooled(out: Any, how: str) -> torch.Tensor:
+    """One vector per image from a student's or teacher's output: its CLS token or its mean patch token."""
+    return out.cls if how == "cls" else out.patches.mean(dim=1)
+
+
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in module.named_parameters():
@@ -410,7 +415,7 @@ class Trainer:
             train_set, test_set = source.build("train", tf), source.build("val", tf)
             targets = [("student", self._student_features)]
             if r.teacher and not any(k.startswith("teacher_") for k in self.results):
-                targets.append(("teacher", lambda x: self.teacher(x).cls))
+                targets.append(("teacher", lambda x: _pooled(self.teacher(x), r.features)))
             for who, encoder in targets:
                 for label, table in r.evaluators.items():
                     evaluator = registry.create("evaluators", table, f"eval.evaluators.{label}")
@@ -429,7 +434,7 @@ class Trainer:
     def _student_features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            return self.student.features(images).float()
+            return _pooled(self.student(images), self.recipe.eval.features).float()
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

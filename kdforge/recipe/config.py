@@ -85,6 +85,9 @@ class EvalConfig:
     """Also evaluate the student every N epochs (0 = never)."""
     batch_size: int = 256
     """Feature-extraction batch size."""
+    features: Literal["cls", "mean_patch"] = "cls"
+    """What represents an image, for student and teacher alike: the CLS token after the final norm, or the mean of
+    the patch tokens (for students distilled on patch maps only, such as FD's)."""
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Labelled data source for evaluation (its train split is the kNN bank / probe train set, val the test set)."""
     evaluators: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)

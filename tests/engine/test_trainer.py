@@ -159,3 +159,34 @@ def test_grid_mismatch_fails_at_start_up_unless_resize_is_allowed(tmp_path):
     r = load_recipe(TINY, overrides=mismatch + ["train.resize_teacher_grid=true", "train.max_steps=2"])
     summary = Trainer(r, tmp_path, show_progress=False).fit()
     assert summary["steps"] == 2 and summary["final_metrics"]["loss/feature"] > 0
+
+
+@pytest.mark.parametrize("features", ["cls", "mean_patch"])
+def test_evaluation_features_are_the_cls_or_the_mean_patch_token(tmp_path, features):
+    """eval.features picks the vector the evaluators see, for student and teacher alike."""
+    eval_data = "eval.data={plugin = 'procedural', num_train = 8, num_val = 4, image_size = 16}"
+    recipe = load_recipe(TINY, overrides=["train.max_steps=1", eval_data, f"eval.features='{features}'",
+                                          "eval.evaluators={knn = {plugin = 'knn', k = 3}}", "eval.after=false"])
+    trainer = Trainer(recipe, tmp_path, show_progress=False)
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        student_out, got = trainer.student(images), trainer._student_features(images)
+    expected = student_out.cls if features == "cls" else student_out.patches.mean(dim=1)
+    torch.testing.assert_close(got, expected)
+    seen = []
+    from kdforge.eval.knn import KnnEvaluator
+
+    real_run = KnnEvaluator.run
+
+    def spy(self, encoder, *args, **kwargs):
+        seen.append(encoder(images))
+        return real_run(self, encoder, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KnnEvaluator, "run", spy)
+        trainer.fit()
+    trainer.close()
+    teacher_out = trainer.teacher(images)
+    teacher_expected = teacher_out.cls if features == "cls" else teacher_out.patches.mean(dim=1)
+    assert len(seen) == 2  # the student before training, then the teacher
+    torch.testing.assert_close(seen[1], teacher_expected)
