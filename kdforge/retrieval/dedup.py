@@ -32,6 +32,11 @@ def _check_threshold(threshold: float, op: str) -> float:
     return float(threshold)
 
 
+def _check_count(value: int, name: str, op: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+
+
 def _components(num: int, src: Tensor, dst: Tensor) -> Tensor:
     """Component label (its lowest member) of each of ``num`` nodes joined by the undirected edges src-dst."""
     labels = torch.arange(num, device=src.device)
@@ -54,6 +59,7 @@ def deduplicate(embeddings: Tensor, *, threshold: float = 0.99, k: int = 16, bac
     op = "deduplicate"
     x = _unit_rows(embeddings, "embeddings", op)
     threshold = _check_threshold(threshold, op)
+    _check_count(k, "k", op)
     num = x.shape[0]
     if num < 2:
         return torch.arange(num, device=x.device)
@@ -93,6 +99,7 @@ def find_leaks(
     r = _unit_rows(retrieved, "retrieved", op)
     t = _unit_rows(task, "task", op)
     threshold = _check_threshold(threshold, op)
+    _check_count(n_nearest, "n_nearest", op)
     if r.shape[1] != t.shape[1]:
         raise ShapeError(f"{op}: retrieved has D={r.shape[1]} but task has D={t.shape[1]}: embed both with one encoder")
     if t.shape[0] == 0:

@@ -61,6 +61,8 @@ def test_deduplicate_threshold_and_small_inputs(gen):
         deduplicate(x, threshold=1.5)
     with pytest.raises(ShapeError, match=r"floating tensor \[rows, D\]"):
         deduplicate(x[0])
+    with pytest.raises(ValueError, match="k must be an int >= 1, got 0"):
+        deduplicate(x, k=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -84,6 +86,8 @@ def test_find_leaks_errors(gen):
         find_leaks(torch.randn(3, 8), torch.randn(4, 9))
     with pytest.raises(ValueError, match="task holds no embeddings"):
         find_leaks(torch.randn(3, 8), torch.randn(0, 8))
+    with pytest.raises(ValueError, match="n_nearest must be an int >= 1"):
+        find_leaks(torch.randn(3, 8), torch.randn(2, 8), n_nearest=0)
     task = torch.randn(2, 8, generator=gen)
     leaks = find_leaks(torch.cat([task[1:] * 2, torch.randn(2, 8, generator=gen)]), task, n_nearest=5)
     assert leaks.ids.tolist() == [0] and leaks.nearest.tolist() == [[1, 0]]  # n_nearest capped at the 2 task rows
