@@ -1,4 +1,4 @@
-"""``kdforge`` command line: train, diagnose (curves, attention), plugins, info.
+"""``kdforge`` command line: train, eval, diagnose (curves, attention), plugins, info.
 
 Every user error (bad recipe, missing data, mismatched shapes) prints one message and exits with code 2.
 """
@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                        help="continue from CHECKPOINT (default: <output-dir>/last.pt)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ev = sub.add_parser("eval", help="evaluate a run's student (and teacher) with the recipe's [eval] evaluators")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding recipe.toml and last.pt")
+    ev.add_argument("--checkpoint", metavar="PATH", help="weights to evaluate (default: RUN_DIR/last.pt)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the run's recipe, e.g. --set eval.features='mean_patch' (repeatable)")
+    ev.add_argument("--no-teacher", action="store_true", help="evaluate the student only")
+    ev.add_argument("--out", metavar="PATH", help="JSON to write (default: RUN_DIR/eval_<checkpoint name>.json)")
     diagnose = sub.add_parser("diagnose", help="look into a run: training curves, attention")
     diagnostics = diagnose.add_subparsers(dest="diagnostic", required=True)
     curves = diagnostics.add_parser("curves", help="plot loss terms, lr, throughput and evaluations against the step")
@@ -78,6 +85,41 @@ def cmd_train(args) -> int:
         shown = {k: v for k, v in summary.items() if k not in ("skipped_files", "final_metrics")}
         print(json.dumps(shown, indent=2))
         print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, curves.png, tb/, last.pt)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from kdforge.engine.distributed import pick_device
+    from kdforge.engine.runs import load_run_student
+    from kdforge.eval import evaluate_encoders, pooled
+    from kdforge.plugins import get_registry
+
+    student, recipe = load_run_student(args.run_dir, args.checkpoint, args.overrides)
+    r = recipe.eval
+    if not r.evaluators or not r.data:
+        raise KdforgeError(
+            "the run's recipe has no [eval.data] or [eval.evaluators]: add them, e.g. --set "
+            "\"eval.data={plugin='image_folder', root='/data/imagenet'}\" "
+            "--set \"eval.evaluators={knn={plugin='knn'}}\""
+        )
+    device = pick_device(recipe.run.device)
+    student.to(device)
+    encoders = {"student": lambda x: pooled(student(x), r.features).float()}
+    if r.teacher and not args.no_teacher:
+        torch.manual_seed(recipe.run.seed)  # as the trainer builds it (a random teacher stays reproducible)
+        teacher = get_registry().create("teachers", recipe.teacher, "teacher").to(device)
+        encoders["teacher"] = lambda x: pooled(teacher(x), r.features).float()
+    results = evaluate_encoders(encoders, r, recipe.augment, device=device)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "last.pt"
+    report = {"checkpoint": str(checkpoint), "features": r.features}
+    report.update({f"{who}_{k}": v for who, metrics in results.items() for k, v in metrics.items()})
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{checkpoint.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"written to {out}")
     return 0
 
 
@@ -150,7 +192,8 @@ def cmd_info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "diagnose": cmd_diagnose, "plugins": cmd_plugins, "info": cmd_info}[args.command]
+    commands = dict(train=cmd_train, eval=cmd_eval, diagnose=cmd_diagnose, plugins=cmd_plugins, info=cmd_info)
+    handler = commands[args.command]
     try:
         return handler(args)
     except KdforgeError as exc:

@@ -165,28 +165,6 @@ def plot_report(report: AttentionReport, out: str | Path, title: str = "") -> Pa
     return out
 
 
-def load_run_student(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[nn.Module, Any]:
-    """(student with the checkpoint's weights, in eval mode, on the CPU; the run's recipe) from a run directory
-    (recipe.toml and last.pt, or ``checkpoint``)."""
-    from kdforge.engine import checkpoint as ckpt
-    from kdforge.plugins import get_registry
-    from kdforge.recipe import load_recipe
-
-    run_dir = Path(run_dir)
-    recipe_file = run_dir / "recipe.toml"
-    if not recipe_file.is_file():
-        raise KdforgeError(f"'{run_dir}' holds no recipe.toml: pass a run directory written by kdforge train")
-    path = Path(checkpoint) if checkpoint else run_dir / "last.pt"
-    if not path.is_file():
-        raise KdforgeError(f"no checkpoint at '{path}': pass --checkpoint PATH (a step_*.pt or last.pt of the run)")
-    recipe = load_recipe(recipe_file)
-    student = get_registry().create("students", recipe.student, "student")
-    state = ckpt.load(path)["model"]
-    prefix = "student."
-    student.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return student.eval(), recipe
-
-
 def analyse_run(
     run_dir: str | Path, *, checkpoint: str | Path | None = None, num_images: int = 64, out: str | Path | None = None
 ) -> tuple[Path, Path]:
@@ -196,6 +174,8 @@ def analyse_run(
     from kdforge.data import collate
     from kdforge.data.transforms import build_transform
     from kdforge.plugins import get_registry
+
+    from kdforge.engine.runs import load_run_student
 
     student, recipe = load_run_student(run_dir, checkpoint)
     table, where = (recipe.eval.data, "eval.data") if recipe.eval.data else (recipe.data, "data")

@@ -28,6 +28,7 @@ from kdforge.data import collate
 from kdforge.engine import checkpoint as ckpt
 from kdforge.engine.distributed import DistInfo, all_reduce_flag, barrier, init_distributed
 from kdforge.errors import KdforgeError, RecipeError, TrainingDiverged
+from kdforge.eval import evaluate_encoders, pooled
 from kdforge.plugins import get_registry
 from kdforge.recipe import Recipe, dump_toml, to_dict
 
@@ -96,11 +97,6 @@ class SeededItems(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
             return self.dataset[index]
-
-
-def _pooled(out: Any, how: str) -> torch.Tensor:
-    """One vector per image from a student's or teacher's output: its CLS token or its mean patch token."""
-    return out.cls if how == "cls" else out.patches.mean(dim=1)
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -407,34 +403,25 @@ class Trainer:
         if not r.evaluators or (when == "before" and not r.before) or (when == "after" and not r.after):
             return
         if self.dist.is_main:
-            from kdforge.data.transforms import build_transform
-
-            registry = get_registry()
-            source = registry.create("data_sources", r.data, "eval.data")
-            tf = build_transform(self.recipe.augment, train=False)
-            train_set, test_set = source.build("train", tf), source.build("val", tf)
-            targets = [("student", self._student_features)]
+            encoders = {"student": self._student_features}
             if r.teacher and not any(k.startswith("teacher_") for k in self.results):
-                targets.append(("teacher", lambda x: _pooled(self.teacher(x), r.features)))
-            for who, encoder in targets:
-                for label, table in r.evaluators.items():
-                    evaluator = registry.create("evaluators", table, f"eval.evaluators.{label}")
-                    was_training = self.student.training
-                    self.student.eval()
-                    try:
-                        out = evaluator.run(encoder, train_set, test_set, device=self.device, batch_size=r.batch_size)
-                    finally:
-                        self.student.train(was_training)
-                    for k, v in out.items():
-                        key = f"teacher_{k}" if who == "teacher" else f"student_{k}_{when}"
-                        self.results[key] = v
+                encoders["teacher"] = lambda x: pooled(self.teacher(x), r.features)
+            was_training = self.student.training
+            self.student.eval()
+            try:
+                results = evaluate_encoders(encoders, r, self.recipe.augment, device=self.device)
+            finally:
+                self.student.train(was_training)
+            for who, metrics in results.items():
+                for k, v in metrics.items():
+                    self.results[f"teacher_{k}" if who == "teacher" else f"student_{k}_{when}"] = v
             self._log({k: v for k, v in self.results.items() if isinstance(v, float)})
         barrier(self.dist)
 
     def _student_features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            return _pooled(self.student(images), self.recipe.eval.features).float()
+            return pooled(self.student(images), self.recipe.eval.features).float()
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -59,3 +59,36 @@ class Evaluator:
         """Metrics of frozen features: float32 Tensor[N, D] and LongTensor[N] of the train set, Tensor[Q, D] and
         LongTensor[Q] of the test set, all on the CPU; ``device`` is where the evaluator may compute."""
         raise NotImplementedError
+
+
+def pooled(out: Any, how: str) -> torch.Tensor:
+    """One vector per image from a student's or teacher's output (``.cls`` / ``.patches``): the CLS token
+    (``how`` = "cls") or the mean patch token ("mean_patch"), as the recipe's ``eval.features`` says."""
+    return out.cls if how == "cls" else out.patches.mean(dim=1)
+
+
+def evaluate_encoders(
+    encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    eval_cfg: Any,
+    augment: Any,
+    *,
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """Every evaluator of a recipe's ``[eval]`` (``eval_cfg``: its EvalConfig) on every encoder, by name:
+    ``{name: {metric: value}}``. The evaluation data (``eval.data``: train split = bank / probe train set, val =
+    test set) is built once with the evaluation transform of ``augment`` (the recipe's TransformConfig)."""
+    from kdforge.data.transforms import build_transform
+    from kdforge.plugins import get_registry
+
+    registry = get_registry()
+    source = registry.create("data_sources", eval_cfg.data, "eval.data")
+    transform = build_transform(augment, train=False)
+    train_set, test_set = source.build("train", transform), source.build("val", transform)
+    results: dict[str, dict[str, float]] = {}
+    for who, encoder in encoders.items():
+        results[who] = {}
+        for label, table in eval_cfg.evaluators.items():
+            evaluator = registry.create("evaluators", table, f"eval.evaluators.{label}")
+            metrics = evaluator.run(encoder, train_set, test_set, device=device, batch_size=eval_cfg.batch_size)
+            results[who].update(metrics)
+    return results
