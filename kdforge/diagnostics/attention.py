@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from kdforge.engine.checkpoint import atomic_path
 from kdforge.errors import KdforgeError
 
 ATTENTION_JSON = "attention.json"
@@ -158,10 +158,8 @@ def plot_report(report: AttentionReport, out: str | Path, title: str = "") -> Pa
     if title:
         fig.suptitle(title)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".").lower() or "png")
     return out
 
 

@@ -17,6 +17,7 @@ import re
 import warnings
 from pathlib import Path
 
+from kdforge.engine.checkpoint import atomic_path
 from kdforge.errors import KdforgeError, MetricsError
 
 METRICS_FILE = "metrics.jsonl"
@@ -301,11 +302,6 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
         title += f"{metrics.path.name} skipped)"
     fig.suptitle(title, fontsize=11)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from kdforge.data import Skipped, collate
+from kdforge.engine.checkpoint import atomic_path
 from kdforge.errors import KdforgeError, ShapeError
 
 log = logging.getLogger("kdforge.retrieval")
@@ -32,9 +32,8 @@ def progress_path(path: str | Path) -> Path:
 
 
 def _write_progress(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(state))
 
 
 def embed_gallery(

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdforge.engine.checkpoint import atomic_path
 from kdforge.errors import DataError, KdforgeError, ShapeError
 from kdforge.teachers import Teacher
 from kdforge.teachers.timm_teacher import TimmBackedTeacher
@@ -231,9 +231,11 @@ class EmbeddedTeacher(TimmBackedTeacher):
                     "torch": torch.__version__,
                 }
                 # The JSON first, the weights last: the weights file existing means the entry is complete.
-                _atomic_write(meta_path, lambda p: Path(p).write_text(json.dumps(info, indent=2)))
+                with atomic_path(meta_path) as tmp:
+                    tmp.write_text(json.dumps(info, indent=2))
                 state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-                _atomic_write(path, lambda p: save_file(state, p, metadata={"kdforge": "embedded teacher"}))
+                with atomic_path(path) as tmp:
+                    save_file(state, str(tmp), metadata={"kdforge": "embedded teacher"})
                 return info
         try:
             state = load_file(str(path), device="cpu")
@@ -281,18 +283,6 @@ def _file_lock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _training_device(choice: str) -> torch.device:
