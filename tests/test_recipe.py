@@ -1,9 +1,5 @@
 """Recipes: typed mapping, unknown keys with the closest name, --set, profiles, env expansion, CLI exit codes."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from kdforge.errors import KdforgeError, RecipeError
@@ -11,13 +7,8 @@ from kdforge.recipe import load_recipe, parse_override
 from kdforge.recipe.schema import field_docs
 from kdforge.recipe.config import Recipe, TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "recipes" / "tiny.toml"
+from cli_helpers import REPO, TINY, kdforge
 
-
-def kdforge(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "kdforge.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env)
 
 
 def test_tiny_recipe_maps_onto_types():

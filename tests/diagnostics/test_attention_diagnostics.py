@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +18,7 @@ from kdforge.diagnostics.attention import (
 )
 from kdforge.plugins import create
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "tests" / "recipes" / "tiny.toml"
+from cli_helpers import TINY, kdforge
 VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "reg_tokens": 1}
 
 
@@ -100,18 +96,13 @@ def test_analyse_reports_every_layer_and_head():
     assert json.loads(json.dumps(report.to_json()))["patch_size"] == 4
 
 
-def _kdforge(*args):
-    return subprocess.run([sys.executable, "-m", "kdforge.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)  # fmt: skip
-
-
 def test_cli_on_a_trained_run(tmp_path):
     run = tmp_path / "run"
-    res = _kdforge("train", TINY, "--output-dir", run, "--no-progress", "--set", "train.max_steps=2",
+    res = kdforge("train", TINY, "--output-dir", run, "--no-progress", "--set", "train.max_steps=2",
                    "--set", "student.attention='kdforge'", "--set", "student.rel_pos_bias='shared'",
                    "--set", "student.model_kwargs.depth=2")  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    res = _kdforge("diagnose", "attention", run, "--images", 6)
+    res = kdforge("diagnose", "attention", run, "--images", 6)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "attention.png" in res.stdout
     report = json.loads((run / "attention.json").read_text())
@@ -119,15 +110,15 @@ def test_cli_on_a_trained_run(tmp_path):
     with Image.open(run / "attention.png") as im:
         assert im.format == "PNG" and im.size[0] > 800
     out = tmp_path / "elsewhere" / "attn.svg"
-    res = _kdforge("diagnose", "attention", run, "--images", 2, "--checkpoint", run / "last.pt", "--out", out)
+    res = kdforge("diagnose", "attention", run, "--images", 2, "--checkpoint", run / "last.pt", "--out", out)
     assert res.returncode == 0 and out.is_file() and out.with_suffix(".json").is_file(), res.stderr[-3000:]
 
 
 def test_cli_errors_name_what_is_missing(tmp_path):
-    res = _kdforge("diagnose", "attention", tmp_path)
+    res = kdforge("diagnose", "attention", tmp_path)
     assert res.returncode == 2 and "holds no recipe.toml" in res.stderr
     (tmp_path / "recipe.toml").write_text(TINY.read_text())
-    res = _kdforge("diagnose", "attention", tmp_path)
+    res = kdforge("diagnose", "attention", tmp_path)
     assert res.returncode == 2 and "no checkpoint at" in res.stderr and "--checkpoint" in res.stderr
-    res = _kdforge("diagnose", "attention", tmp_path, "--images", 0)
+    res = kdforge("diagnose", "attention", tmp_path, "--images", 0)
     assert res.returncode == 2 and "--images must be >= 1" in res.stderr

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "tests" / "recipes" / "tiny.toml"
+from cli_helpers import TINY, kdforge
+
 EVAL = [
     "--set", "eval.data={plugin = 'procedural', num_train = 40, num_val = 20, image_size = 16}",
     "--set", "eval.evaluators={knn = {plugin = 'knn', k = 5}}",
 ]  # fmt: skip
-
-
-def kdforge(*args):
-    return subprocess.run([sys.executable, "-m", "kdforge.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)  # fmt: skip
 
 
 def test_eval_reproduces_the_runs_own_evaluation_and_takes_overrides(tmp_path):
