@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from kdforge.data import Skipped
-from kdforge.data.transforms import as_float_image
+from kdforge.data.transforms import as_float_image, to_rgb8
 
-__all__ = ["FileImageDataset", "TensorImageDataset", "apply_transform", "mix_seed", "read_image"]
+__all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS", "FileImageDataset", "TensorImageDataset", "apply_transform", "mix_seed", "read_image"
+]  # fmt: skip
+
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+"""Largest image (width x height) :func:`read_image` decodes by default: PIL's own default limit (a 24-bit image
+of 256 MiB, about 9500 x 9500), beyond which PIL warns of a decompression bomb."""
 
 Transform = Callable[[Any], torch.Tensor] | None
 
@@ -31,19 +39,64 @@ def apply_transform(transform: Transform, image: Any) -> torch.Tensor:
     return as_float_image(out)
 
 
-def read_image(path: str | os.PathLike):
-    """Decode an image file as an RGB PIL image, or return :class:`Skipped` with the reason it failed.
+class _PilPixelLimitOff:
+    """While any :func:`read_image` runs, PIL's own decompression-bomb check is off; restored when the last ends.
 
-    Every decoder error counts as a bad file (truncated JPEG, random bytes, empty file, CMYK oddities,
-    decompression bombs, permission denied): on a large data set a few are normal and must not stop a run;
-    :class:`kdforge.data.skips.SkipCounter` stops it when there are too many.
+    PIL checks ``Image.MAX_IMAGE_PIXELS`` inside ``Image.open`` (and TIFF again at load): it warns above it and
+    raises above twice it, so a ``max_pixels`` above PIL's limit could never be honoured and one below it would be
+    preempted by a warning. read_image checks its own limit before decoding instead. The global is only changed
+    while reads are in flight and is restored after the last one (counted under a lock, so overlapping reads in
+    threads never restore a stale value); nothing leaks past a read.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved: int | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        from PIL import Image
+
+        with self._lock:
+            if self._active == 0:
+                self._saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_pil_pixel_limit_off = _PilPixelLimitOff()
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """Decode an image file as an 8-bit RGB PIL image, or return :class:`Skipped` with the reason it failed.
+
+    Every decoder error counts as a bad file (truncated JPEG, random bytes, empty file, CMYK oddities, permission
+    denied): on a large data set a few are normal and must not stop a run; :class:`kdforge.data.skips.SkipCounter`
+    stops it when there are too many. So do images of more than ``max_pixels`` pixels (width x height, read from
+    the header; the pixels are never decoded: a decompression bomb would take gigabytes) and images whose 16-bit,
+    32-bit or float pixels have no known range (:func:`kdforge.data.transforms.to_rgb8`, which scales the others).
     """
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with _pil_pixel_limit_off(), Image.open(path) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                return Skipped(
+                    os.fspath(path),
+                    f"{width} x {height} = {width * height} pixels, more than the limit of {max_pixels} (a "
+                    "decompression bomb, or a very large image): not decoded; raise data.max_image_pixels to read it",
+                )
             im.load()  # decode now, inside the try: PIL decodes lazily and a truncated file fails only here
-            return im.convert("RGB")
+            return to_rgb8(im)
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a property of the file, see docstring
         return Skipped(os.fspath(path), f"{type(exc).__name__}: {exc}")
 
@@ -71,17 +124,28 @@ class TensorImageDataset(torch.utils.data.Dataset):
 class FileImageDataset(torch.utils.data.Dataset):
     """Image files on disk, from (path, label) pairs; unreadable files come back as :class:`Skipped`.
 
+    ``max_image_pixels`` is :func:`read_image`'s limit: larger images are skipped without being decoded.
+
     Paths are kept in one numpy byte-string array and labels in one int64 array, not in a list of Python
     tuples: DataLoader workers are forked, and touching millions of Python objects (even reading them updates
     their reference counts) copies the pages that hold them into every worker, a well-known memory blow-up.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform, classes: Sequence[str] = ()):
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Transform,
+        classes: Sequence[str] = (),
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
+        if max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1 (pixels of the largest image), got {max_image_pixels}")
         paths = [os.fsencode(p) for p, _ in samples]
         self._paths = np.array(paths, dtype=bytes) if paths else np.zeros(0, dtype="S1")
         self._labels = np.array([label for _, label in samples], dtype=np.int64)
         self.transform = transform
         self.classes = list(classes)
+        self.max_image_pixels = int(max_image_pixels)
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -97,7 +161,7 @@ class FileImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict | Skipped:
         path, label = self.sample(index)
-        image = read_image(path)
+        image = read_image(path, self.max_image_pixels)
         if isinstance(image, Skipped):
             return image
         return {"image": apply_transform(self.transform, image), "label": label, "index": int(index)}

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from kdforge.data import DataSource
-from kdforge.data.datasets import FileImageDataset
+from kdforge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, FileImageDataset
 from kdforge.errors import DataError
 
 __all__ = ["ImageFolderSource", "scan_split"]
@@ -29,20 +29,78 @@ def _is_image(name: str, extensions: tuple[str, ...]) -> bool:
     return not name.startswith(".") and name.lower().endswith(extensions)
 
 
-def _walk_images(folder: str, extensions: tuple[str, ...]) -> list[str]:
-    """Every image file under ``folder`` (recursively, following links), in a stable sorted order."""
+def _scandir_sorted(folder: str) -> list[os.DirEntry]:
+    """The entries of ``folder`` sorted by name; a folder that cannot be listed is a :class:`DataError`.
+
+    os.walk skips such folders silently (``onerror=None``), which turned an unreadable class folder into an empty
+    class, or a class quietly missing a subfolder; failing at scan time loses nothing and names the folder.
+    """
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(
+            f"cannot list the image folder '{folder}' ({exc.strerror or exc}): every folder of the data set must be "
+            "readable by this user; fix its permissions (e.g. chmod -R u+rX) or its mount, or move it out of the "
+            "data set"
+        ) from exc
+
+
+def _class_names(entries: list[os.DirEntry]) -> list[str]:
+    """The folders among a split folder's sorted entries (links to folders too), hidden ones left out."""
+    return [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+
+
+def _real_dir(path: str | os.DirEntry) -> tuple[int, int]:
+    """(device, inode) of the directory ``path`` leads to, through any links: one key per real directory."""
+    st = path.stat() if isinstance(path, os.DirEntry) else os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk_images(folder: str, extensions: tuple[str, ...], owners: dict[tuple[int, int], str]) -> list[str]:
+    """Every image file under the class folder ``folder`` (recursively, following links), in a stable order.
+
+    The order is os.walk's: a folder's files by name, then its subfolders by name, depth first. Each real
+    directory is entered once however many links lead to it, so a link loop neither repeats images nor recurses
+    forever. ``owners`` maps each real directory met so far to the class folder it was met under; the classes of
+    a split share it and claim their own folders (and the split folder) before any walk, so a link from one class
+    into another class's images, which would give them two labels, is a :class:`DataError` in either order.
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f, extensions)]
+    stack = [folder]
+    while stack:
+        subdirs = []
+        for entry in _scandir_sorted(stack.pop()):
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_dir():
+                if _is_image(entry.name, extensions):
+                    found.append(entry.path)
+                continue
+            real = _real_dir(entry)
+            owner = owners.get(real)
+            if owner is None:
+                owners[real] = folder
+                subdirs.append(entry.path)
+            elif owner != folder:
+                raise DataError(
+                    f"'{entry.path}' leads (through a link) into '{owner}', which is scanned as another class or is "
+                    "the split folder itself: its images would get a second label; remove the link, or copy the "
+                    "images it should add into this class"
+                )
+            # else: a folder of this class met again through a link (a loop, or two links to one folder): skip
+        stack += reversed(subdirs)
     return found
 
 
 def scan_split(folder: str, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, samples) of one split folder; classes is empty and labels are -1 for a flat folder."""
-    with os.scandir(folder) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    subdirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    """(classes, samples) of one split folder; classes is empty and labels are -1 for a flat folder.
+
+    Raises :class:`DataError` for a folder that cannot be listed, a class folder without images (it would still
+    count as a class), and two class folders that are one directory through links.
+    """
+    entries = _scandir_sorted(folder)
+    subdirs = _class_names(entries)
     loose = [e.path for e in entries if e.is_file() and _is_image(e.name, extensions)]
     if subdirs and loose:
         raise DataError(
@@ -52,9 +110,24 @@ def scan_split(folder: str, extensions: tuple[str, ...]) -> tuple[list[str], lis
         )
     if not subdirs:
         return [], [(p, -1) for p in loose]
+    owners = {_real_dir(folder): folder}
+    class_dirs = [os.path.join(folder, name) for name in subdirs]
+    for class_dir in class_dirs:
+        owner = owners.setdefault(_real_dir(class_dir), class_dir)
+        if owner != class_dir:
+            raise DataError(
+                f"class folder '{class_dir}' is the same directory as '{owner}' (through a link): each class needs "
+                "its own folder; remove the link or replace it with a copy"
+            )
     samples = []
-    for label, name in enumerate(subdirs):
-        samples += [(p, label) for p in _walk_images(os.path.join(folder, name), extensions)]
+    for label, class_dir in enumerate(class_dirs):
+        images = _walk_images(class_dir, extensions, owners)
+        if not images:
+            raise DataError(
+                f"class folder '{class_dir}' holds no images with endings {', '.join(extensions)}: remove it (an "
+                "empty folder still counts as a class), or add the endings its files use to data.extensions"
+            )
+        samples += [(p, label) for p in images]
     return subdirs, samples
 
 
@@ -77,10 +150,17 @@ class ImageFolderSource(DataSource):
         "what the folder holds, for error messages (e.g. 'ImageNet')"
         root_env: str = "IMAGENET_DIR"
         "environment variable suggested in the 'not found' message"
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+        "images with more pixels (width x height) are skipped and counted, never decoded (decompression bombs)"
 
         def __post_init__(self) -> None:
             if not self.extensions:
                 raise ValueError("extensions must name at least one file ending, e.g. ['.jpg', '.png']")
+            if self.max_image_pixels < 1:
+                raise ValueError(
+                    f"max_image_pixels must be >= 1 (width x height of the largest image to decode), got "
+                    f"{self.max_image_pixels}; the default {DEFAULT_MAX_IMAGE_PIXELS} is PIL's own limit"
+                )
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -119,8 +199,7 @@ class ImageFolderSource(DataSource):
             if os.path.samefile(folder, os.path.expanduser(self.cfg.root)):
                 self._classes = []  # flat pool: unlabelled
             else:
-                with os.scandir(folder) as it:
-                    self._classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+                self._classes = _class_names(_scandir_sorted(folder))
         return self._classes
 
     @property
@@ -150,4 +229,4 @@ class ImageFolderSource(DataSource):
                     )
                 samples = [(p, index[classes[label]]) for p, label in samples]
                 classes = train_classes
-        return FileImageDataset(samples, transform, classes)
+        return FileImageDataset(samples, transform, classes, self.cfg.max_image_pixels)

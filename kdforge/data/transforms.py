@@ -16,7 +16,10 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
-__all__ = ["ImageTransform", "TransformConfig", "as_float_image", "build_transform", "to_image_tensor"]
+__all__ = ["ImageTransform", "TransformConfig", "as_float_image", "build_transform", "to_image_tensor", "to_rgb8"]
+
+# PIL modes of one channel of 16-bit unsigned pixels (16-bit PNG and TIFF greyscale); "I" is 32-bit signed
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclasses.dataclass
@@ -53,11 +56,50 @@ class TransformConfig:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
 
+def to_rgb8(image: Any) -> Any:
+    """A PIL image as an 8-bit RGB PIL image, with deeper pixels scaled to 0..255 rather than clipped.
+
+    PIL's ``convert("RGB")`` clips 16-bit and 32-bit integer pixels at 255 (a 16-bit photo turns almost white)
+    and truncates float pixels (a float image in [0, 1] turns black). Here integer pixels (modes "I;16*" and
+    "I") map the 16-bit range 0..65535 onto 0..255 (v * 255 / 65535, rounded), the range the file format
+    declares, not the image's own min and max, so every image keeps its brightness; float pixels ("F") are by
+    convention in [0, 1] and are multiplied by 255 and rounded. Every other mode goes through ``convert("RGB")``
+    (palettes, CMYK, alpha dropped; PIL already reads 16-bit RGB PNGs as their high bytes).
+
+    Raises ValueError for pixels that fit no known range: integers below 0 or above 65535, floats outside
+    [0, 1] or not finite. Stretching each such image to its own range would change images differently, so a
+    reader skips them with that reason (:func:`kdforge.data.datasets.read_image`).
+    """
+    mode = image.mode
+    if mode not in _UINT16_MODES + ("I", "F"):
+        return image if mode == "RGB" else image.convert("RGB")
+    from PIL import Image
+
+    pixels = np.asarray(image)
+    if pixels.size and mode == "F":
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError(
+                f"float pixels span {pixels.min():g}..{pixels.max():g} (mode F), not [0, 1]: no known range to scale "
+                "to 8 bits; save the image as 8 or 16 bits, or as floats in [0, 1]"
+            )
+    elif pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ValueError(
+            f"integer pixels span {pixels.min()}..{pixels.max()} (mode {mode}), outside 16 bits (0..65535): no "
+            "known range to scale to 8 bits; save the image as 8 or 16 bits"
+        )
+    if mode == "F":
+        grey = np.rint(pixels * 255.0).astype(np.uint8)
+    else:  # round(v * 255 / 65535) in integers; 65535 * 255 fits in uint32
+        grey = ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
 def to_image_tensor(image: Any) -> torch.Tensor:
     """A PIL image, numpy array (HxW or HxWxC) or tensor ([H, W] or [C, H, W]) as ``Tensor[3, H, W]``.
 
     uint8 stays uint8 (0..255); floating point becomes float32 (expected in [0, 1]). Grey images are repeated to
-    three channels and an alpha channel is dropped (PIL images are converted to RGB, which also handles palettes).
+    three channels and an alpha channel is dropped (PIL images go through :func:`to_rgb8`: palettes handled,
+    16-bit and float pixels scaled, not clipped).
     """
     if isinstance(image, torch.Tensor):
         x = image
@@ -72,8 +114,7 @@ def to_image_tensor(image: Any) -> torch.Tensor:
             Image = None
         if Image is None or not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb8(image)
         x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     if x.ndim == 2:
         x = x.unsqueeze(0)

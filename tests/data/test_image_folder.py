@@ -1,15 +1,22 @@
 """image_folder: ImageNet layout and flat folders on files written here; broken files skipped, counted, listed."""
 
+import errno
 import json
+import os
+import re
+import threading
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from kdforge.data import Skipped, collate
+from kdforge.data.datasets import FileImageDataset, read_image
 from kdforge.data.image_folder import ImageFolderSource
 from kdforge.data.skips import SkipCounter
-from kdforge.data.transforms import TransformConfig, build_transform
-from kdforge.errors import DataError
+from kdforge.data.transforms import TransformConfig, build_transform, to_image_tensor
+from kdforge.errors import DataError, RecipeError
 from kdforge.recipe.schema import build
 
 EVAL = build_transform(TransformConfig(image_size=12, crop_pct=1.0), train=False)
@@ -200,3 +207,180 @@ def test_default_threshold_is_one_percent():
     counter.check()  # exactly 1 %: allowed
     with pytest.raises(DataError):
         counter.update([Skipped("/d/b.jpg", "x")], seen=1)
+
+
+def _listing(ds, root):
+    """(path relative to ``root``, label) of every sample, in the dataset's order."""
+    return [(os.path.relpath(p, root), label) for p, label in ds.samples]
+
+
+def _scan_within(seconds, fn):
+    """fn() run in a thread, failing the test if it does not return in time (a link loop followed forever);
+    returns its result or raises its exception."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"scanning did not finish in {seconds} s: a link loop followed forever?"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_link_loops_and_repeated_links_list_each_image_once(tmp_path, image_writer):
+    root = tmp_path / "d"
+    for rel in ("train/a/x.png", "train/a/sub/y.png", "train/b/w.png", "shared/z.png", "elsewhere/c/v.png"):
+        image_writer(root / rel, seed=len(rel))
+    (root / "train/a/sub/back").symlink_to("..")  # loops: each link leads to a folder above it
+    (root / "train/a/sub/self").symlink_to(".")
+    (root / "train/a/l1").symlink_to(root / "shared")  # two links to one folder
+    (root / "train/a/l2").symlink_to(root / "shared")
+    (root / "train/c").symlink_to(root / "elsewhere/c")  # a class folder that is itself a link
+    ds = _scan_within(30, lambda: source(root=str(root)).build("train", None))
+    assert _listing(ds, root / "train") == [
+        ("a/x.png", 0), ("a/l1/z.png", 0), ("a/sub/y.png", 0), ("b/w.png", 1), ("c/v.png", 2)
+    ]  # fmt: skip
+    assert ds.classes == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    "link, target, message",
+    [
+        ("train/b", "a", "is the same directory as"),  # two class folders, one directory
+        ("train/a/more", "../b", "second label"),  # a class reaching into another class
+        ("train/b/up", "..", "second label"),  # a class reaching the split folder, hence every class
+    ],
+)
+def test_links_that_would_give_an_image_two_labels_are_errors(tmp_path, image_writer, link, target, message):
+    root = tmp_path / "d"
+    image_writer(root / "train/a/x.png", seed=1)
+    if link != "train/b":
+        image_writer(root / "train/b/w.png", seed=2)
+    (root / link).symlink_to(target)
+    with pytest.raises(DataError, match=message) as err:
+        _scan_within(30, lambda: source(root=str(root)).build("train", None))
+    assert str(root / "train") in str(err.value) and "remove the link" in str(err.value)
+
+
+@pytest.mark.parametrize("unreadable", ["train/b", "train/a/sub"])
+def test_an_unreadable_folder_is_an_error_naming_it(tmp_path, image_writer, monkeypatch, unreadable):
+    root = tmp_path / "d"
+    for rel in ("train/a/x.png", "train/a/sub/y.png", "train/b/w.png"):
+        image_writer(root / rel, seed=len(rel))
+    folder = root / unreadable
+    folder.chmod(0)
+    try:
+        if os.access(folder, os.R_OK):
+            # root ignores permission bits: fail the listing the way the kernel does for other users
+            listing = os.scandir
+
+            def scandir(path="."):
+                if os.fspath(path) == str(folder):
+                    raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+                return listing(path)
+
+            monkeypatch.setattr(os, "scandir", scandir)
+        with pytest.raises(DataError) as err:
+            source(root=str(root)).build("train", None)
+    finally:
+        folder.chmod(0o755)
+    msg = str(err.value)
+    assert f"'{folder}'" in msg and "Permission denied" in msg and "chmod" in msg
+
+
+def test_a_class_folder_without_images_is_an_error(imagenet_tree):
+    (imagenet_tree / "train" / "dog").mkdir()
+    (imagenet_tree / "train" / "dog" / "readme.txt").write_text("images to come")
+    with pytest.raises(DataError, match=r"class folder '.*dog' holds no images .* still counts as a class"):
+        source(root=str(imagenet_tree)).build("train", EVAL)
+
+
+def _grey_ramp(dtype, top, size=(12, 10)):
+    """A greyscale ramp from 0 to ``top`` of ``dtype``, shaped ``size``."""
+    return np.linspace(0, top, size[0] * size[1]).reshape(size).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "name, pixels, mode",
+    [
+        ("png16.png", _grey_ramp(np.uint16, 65535), "I;16"),
+        ("tiff16.tif", _grey_ramp(np.uint16, 65535), "I;16"),
+        ("tiff16be.tif", _grey_ramp(">u2", 65535), "I;16B"),
+        ("pgm16.pgm", _grey_ramp(np.uint16, 65535), "I"),  # PIL reads 16-bit PGM as 32-bit integers
+        ("float.tif", _grey_ramp(np.float32, 1.0), "F"),
+    ],
+)
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path, name, pixels, mode):
+    path = tmp_path / "d" / "train" / "a" / name
+    path.parent.mkdir(parents=True)
+    Image.fromarray(pixels).save(path)
+    assert Image.open(path).mode == mode  # the file really holds what the case is about
+    scale = 1.0 if mode == "F" else 65535.0
+    expected = torch.from_numpy(np.rint(pixels.astype(np.float64) / scale * 255)).to(torch.uint8)
+    item = source(root=str(tmp_path / "d"), extensions=[".png", ".tif", ".pgm"]).build("train", None)[0]
+    got = (item["image"] * 255).round().to(torch.uint8)
+    assert torch.equal(got, expected.expand(3, -1, -1))  # the full ramp 0..255, not saturated at 255 or 1
+    assert torch.equal(to_image_tensor(Image.open(path)), got)  # a PIL image handed to the transforms: the same
+
+
+@pytest.mark.parametrize(
+    "pixels, reason",
+    [
+        (_grey_ramp(np.float32, 1000.0), r"float pixels span 0\.\.1000 .* not \[0, 1\]"),
+        (np.full((4, 4), np.nan, np.float32), "float pixels span nan"),
+        (_grey_ramp(np.int32, 1_000_000), r"integer pixels span 0\.\.1000000 .* outside 16 bits"),
+    ],
+)
+def test_deep_images_without_a_known_range_are_skipped_with_the_reason(tmp_path, image_writer, pixels, reason):
+    image_writer(tmp_path / "d" / "good.png", seed=1)
+    Image.fromarray(pixels).save(tmp_path / "d" / "deep.tif")
+    ds = source(root=str(tmp_path / "d")).build("train", None)
+    items = {os.path.basename(ds.sample(i)[0]): ds[i] for i in range(len(ds))}
+    assert isinstance(items["good.png"], dict)
+    assert isinstance(items["deep.tif"], Skipped) and re.search(reason, items["deep.tif"].reason)
+
+
+def _truncated_png(path, size):
+    """A PNG whose header says ``size`` (W, H) but whose pixel data is cut short: decoding it fails."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_images_over_the_pixel_limit_are_skipped_counted_and_not_decoded(tmp_path, image_writer):
+    for i in range(3):
+        image_writer(tmp_path / "d" / f"good_{i}.png", seed=i, size=(24, 20))  # 480 pixels
+    _truncated_png(tmp_path / "d" / "bomb.png", (40, 40))  # 1600 pixels
+    ds = source(root=str(tmp_path / "d"), max_image_pixels=1000).build("train", EVAL)
+    counter = SkipCounter(max_bad_fraction=0.5, min_items=0)
+    for batch in torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate):
+        counter.add_batch(batch)
+    assert (counter.count, counter.seen) == (1, 4)
+    [(path, why)] = counter.report()
+    assert path.endswith("bomb.png")
+    assert "40 x 40 = 1600 pixels, more than the limit of 1000" in why and "data.max_image_pixels" in why
+    assert "truncated" not in why  # its pixels were never decoded, or the truncation would be the reason
+    # without the limit the same file is an ordinary broken file
+    assert "truncated" in read_image(tmp_path / "d" / "bomb.png").reason
+    with pytest.raises(RecipeError, match="max_image_pixels must be >= 1"):
+        source(root=str(tmp_path / "d"), max_image_pixels=0)
+
+
+def test_the_configured_pixel_limit_decides_and_pils_is_left_as_it_was(tmp_path, image_writer, monkeypatch):
+    pixels = image_writer(tmp_path / "d" / "x.png", seed=1, size=(24, 20))  # 480 pixels
+    image_writer(tmp_path / "d" / "y.png", seed=2, size=(24, 20))
+    (tmp_path / "d" / "broken.png").write_bytes(b"not an image")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL alone would refuse 480 > 2 x 100 pixels
+    ds = FileImageDataset([(str(tmp_path / "d" / n), -1) for n in ("x.png", "y.png", "broken.png")], None)
+    item = ds[0]
+    assert torch.equal((item["image"] * 255).round().to(torch.uint8), torch.from_numpy(pixels).permute(2, 0, 1))
+    assert isinstance(ds[2], Skipped)
+    assert Image.MAX_IMAGE_PIXELS == 100  # restored after reads that worked and reads that failed
+    assert isinstance(FileImageDataset(ds.samples[:1], None, max_image_pixels=479)[0], Skipped)
