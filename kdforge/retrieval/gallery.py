@@ -4,6 +4,10 @@
 larger than memory) and records its progress beside it in ``<name>.progress.json`` after every batch, so a run
 that crashes or is killed continues where it stopped. An unreadable image leaves its row NaN (it then ranks last
 in :func:`kdforge.ops.knn`) and is listed in the progress file.
+
+Crash safety rests on two orders: the progress file is written (atomically) before the ``.npy`` is created, so a
+``.npy`` of ours never lacks one; and ``done`` only counts rows already flushed to the ``.npy``. A progress file
+with ``done == 0`` therefore holds nothing worth keeping, and the next call starts over.
 """
 
 from __future__ import annotations
@@ -52,8 +56,9 @@ def embed_gallery(
 
     ``encoder`` maps Tensor[B, 3, H, W] (float in [0, 1], on ``device``) to Tensor[B, D]; rows follow the
     dataset's order and are L2-normalised when ``normalize`` (cosine retrieval). Resumes a partial file written by
-    an earlier call for the same dataset size; a finished one is returned without running the encoder. Returns
-    the file as a read-only memmap.
+    an earlier call for the same dataset size, whenever that call crashed; a finished one is returned without
+    running the encoder. Refuses (:class:`KdforgeError`) to resume with an encoder of another width, or from a
+    progress file or ``.npy`` that is torn or does not match. Returns the file as a read-only memmap.
     """
     from tqdm.auto import tqdm
 
@@ -64,23 +69,10 @@ def embed_gallery(
         raise ValueError(f"the gallery file must end in .npy (numpy's format, opened as a memmap), got '{path}'")
     rows = len(dataset)
     progress = progress_path(path)
-    state = {"rows": rows, "dim": None, "dtype": dtype, "normalize": normalize, "done": 0, "skipped": []}
-    if path.exists() and progress.exists():
-        saved = json.loads(progress.read_text())
-        same = {k: saved.get(k) for k in ("rows", "dtype", "normalize")} == {
-            "rows": rows, "dtype": dtype, "normalize": normalize
-        }  # fmt: skip
-        if not same:
-            raise KdforgeError(
-                f"'{path}' was started for another gallery ({saved.get('rows')} rows, {saved.get('dtype')}, "
-                f"normalize={saved.get('normalize')}; now {rows}, {dtype}, normalize={normalize}): delete it and "
-                f"{progress.name}, or pick another path"
-            )
-        state = saved
-    elif path.exists():
-        raise KdforgeError(f"'{path}' exists but has no {progress.name}: it was not written here; move it away")
-    if state["done"] == rows and path.exists():
-        return np.load(path, mmap_mode="r")
+    state = _resume_state(path, progress, rows, dtype, normalize)
+    if 0 < state["done"] == rows:  # finished earlier
+        return _open_rows(path, progress, state, "r")
+    out = _open_rows(path, progress, state, "r+") if state["done"] > 0 else None
 
     module = encoder if isinstance(encoder, torch.nn.Module) else None
     was_training = module.training if module is not None else False
@@ -94,7 +86,6 @@ def embed_gallery(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
-    out = np.load(path, mmap_mode="r+") if cursor > 0 else None
     bar = tqdm(total=rows, initial=cursor, desc=desc, unit="img", disable=not sys.stderr.isatty())
     try:
         with torch.inference_mode():
@@ -110,10 +101,17 @@ def embed_gallery(
                     emb = emb.float()
                     if normalize:
                         emb = torch.nn.functional.normalize(emb, dim=1)
-                    if out is None:  # the width is known now
+                    if out is None:  # the width is known now; the progress file first (see the module docstring)
                         state["dim"] = int(emb.shape[1])
+                        _write_progress(progress, state)
                         shape = (rows, state["dim"])
                         out = np.lib.format.open_memmap(path, mode="w+", dtype=_DTYPES[dtype], shape=shape)
+                    elif emb.shape[1] != out.shape[1]:
+                        raise KdforgeError(
+                            f"the encoder gives {emb.shape[1]}-wide embeddings, but '{path}' holds "
+                            f"{out.shape[1]}-wide rows ({state['done']} of {rows} done by an earlier call): resume "
+                            f"with the same encoder, or delete it and {progress.name} to start over"
+                        )
                     out[good] = emb.cpu().numpy()
                 cursor += len(good) + len(bad)
                 bar.update(len(good) + len(bad))
@@ -134,6 +132,78 @@ def embed_gallery(
                     progress.name)  # fmt: skip
     del out
     return np.load(path, mmap_mode="r")
+
+
+# what a progress file holds; "dim" is None until the encoder's width is known
+_PROGRESS_KEYS = {"rows": int, "dim": (int, type(None)), "dtype": str, "normalize": bool, "done": int, "skipped": list}
+
+
+def _resume_state(path: Path, progress: Path, rows: int, dtype: str, normalize: bool) -> dict:
+    """The progress to continue from: a fresh start, or the saved state once it is checked to fit this call."""
+    fresh = {"rows": rows, "dim": None, "dtype": dtype, "normalize": normalize, "done": 0, "skipped": []}
+    if not progress.exists():
+        if path.exists():
+            raise KdforgeError(f"'{path}' exists but has no {progress.name}: it was not written here; move it away")
+        return fresh
+    saved = _read_progress(path, progress)
+    if saved["done"] == 0:
+        return fresh  # no row was written yet (a crash in the first batch): nothing to keep
+    if (saved["rows"], saved["dtype"], saved["normalize"]) != (rows, dtype, normalize):
+        raise KdforgeError(
+            f"'{path}' was started for another gallery ({saved['rows']} rows, {saved['dtype']}, "
+            f"normalize={saved['normalize']}; now {rows}, {dtype}, normalize={normalize}): delete it and "
+            f"{progress.name}, or pick another path"
+        )
+    return saved
+
+
+def _read_progress(path: Path, progress: Path) -> dict:
+    """The saved state in ``progress``; a file that is not one embed_gallery writes is a :class:`KdforgeError`."""
+    try:
+        saved = json.loads(progress.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        problem = f"not JSON: {exc}"
+    else:
+        if not isinstance(saved, dict):
+            problem = f"a JSON {type(saved).__name__}, not an object"
+        else:
+            problem = "; ".join(
+                f"no '{key}'" if key not in saved else f"'{key}' is {saved[key]!r}"
+                for key, kind in _PROGRESS_KEYS.items()
+                if key not in saved or not _is_a(saved[key], kind)
+            )
+            if not problem and not (saved["dtype"] in _DTYPES and 0 <= saved["done"] <= saved["rows"]):
+                problem = f"dtype {saved['dtype']!r}, {saved['done']} of {saved['rows']} rows done"
+            if not problem and saved["done"] > 0 and (saved["dim"] is None or saved["dim"] < 1):
+                problem = f"{saved['done']} rows done but no width (dim {saved['dim']!r})"
+        if not problem:
+            return saved
+    raise KdforgeError(
+        f"'{progress}' is not a valid progress file of embed_gallery ({problem}): it was torn or edited; delete it "
+        f"and '{path.name}' to start the gallery over"
+    )
+
+
+def _is_a(value: object, kind: type | tuple[type, ...]) -> bool:
+    """isinstance, except that JSON's true and false are not integers here."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _open_rows(path: Path, progress: Path, state: dict, mode: str) -> np.memmap:
+    """The saved ``.npy`` as a memmap, checked against the shape and dtype its progress file records."""
+    want_shape, want_dtype = (state["rows"], state["dim"]), np.dtype(_DTYPES[state["dtype"]])
+    try:
+        out = np.load(path, mmap_mode=mode)
+    except (OSError, ValueError) as exc:
+        problem = f"cannot be read as a .npy file ({type(exc).__name__}: {exc})"
+    else:
+        if out.shape == want_shape and out.dtype == want_dtype:
+            return out
+        problem = f"holds {list(out.shape)} {out.dtype}"
+    raise KdforgeError(
+        f"'{path}' {problem}, but {progress.name} records {state['done']} of {list(want_shape)} {want_dtype} rows "
+        f"done: the two do not belong together; delete both to start the gallery over"
+    )
 
 
 class _Positioned(torch.utils.data.Dataset):
