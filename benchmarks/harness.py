@@ -32,6 +32,10 @@ them too. Anchors are resolved at the end of the session, so the order in which 
 On CUDA each record also carries ``peak_mem_bytes``: the most memory one call allocated above what was allocated
 before it (torch.cuda.max_memory_allocated), so two implementations of one step compare in memory as well.
 
+Two implementations timed on the wall clock (the CPU, where other processes share the cores) are compared with
+:func:`compare` instead: interleaved rounds of both, one speedup per round, and their median as the speedup; the
+rounds stay in the record so that a goal is judged on their spread, not on one lucky sample.
+
 ``benchmarks/goals.py`` turns the records into a verdict for each performance goal of the issues (met, not met,
 unmeasured, with the figures); the session table ends with it and the JSON carries it.
 
@@ -199,6 +203,8 @@ class Record:
     frac_copy_bw: float | None = None
     peak_mem_bytes: float | None = None  # CUDA: most bytes one call allocated above the allocation before it
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # anchor label -> the speedup of each interleaved round (:func:`compare`); speedups[anchor] is their median
+    round_speedups: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def anchor(self) -> str | None:
@@ -240,7 +246,9 @@ _COPY_BW: dict[str, Record] = {}
 def _resolve(record: Record) -> None:
     """Fill the anchor ratios and the copy-bandwidth fraction where their inputs are known."""
     for label in record.anchors:
-        if label in RECORDS and record.median_s > 0:
+        if record.round_speedups.get(label):
+            record.speedups[label] = statistics.median(record.round_speedups[label])
+        elif label in RECORDS and record.median_s > 0:
             record.speedups[label] = RECORDS[label].median_s / record.median_s
     copy = _COPY_BW.get(record.device)
     if copy is not None and record.gbps is not None and copy.gbps:
@@ -310,8 +318,7 @@ def measure(
     quick = is_quick(device)
     warmup = warmup if warmup is not None else (1 if quick else 5)
     rounds = rounds if rounds is not None else (3 if quick else 20)
-    if label in RECORDS:
-        raise ValueError(f"benchmark label {label!r} is recorded twice; labels must be unique per session")
+    _check_new(label)
     if benchmark is not None:
         benchmark.group = group or benchmark.group
 
@@ -346,14 +353,89 @@ def measure(
         peak_mem_bytes=peak_memory(fn, device) if track_memory else None,
         params=dict(params or {}),
     )
-    RECORDS[label] = record
+    return _register(record, benchmark)
+
+
+def _check_new(label: str) -> None:
+    if label in RECORDS:
+        raise ValueError(f"benchmark label {label!r} is recorded twice; labels must be unique per session")
+
+
+def _register(record: Record, benchmark: Any = None) -> Record:
+    _check_new(record.label)
+    RECORDS[record.label] = record
     _resolve(record)
     # Records measured earlier that name this one as their anchor can now be resolved too.
     for other in RECORDS.values():
-        if label in other.anchors:
+        if record.label in other.anchors:
             _resolve(other)
     _publish(benchmark, record)
     return record
+
+
+def compare(
+    label: str,
+    fn: Callable[[], Any],
+    *,
+    anchor: str,
+    anchor_fn: Callable[[], Any],
+    group: str,
+    device: torch.device | None = None,
+    rounds: int | None = None,
+    calls: int = 1,
+    warmup: int | None = None,
+    bytes_moved: float | None = None,
+    flops: float | None = None,
+    track_memory: bool = True,
+    params: dict[str, Any] | None = None,
+) -> tuple[Record, Record]:
+    """Time ``fn`` (recorded as ``label``) against ``anchor_fn`` (recorded as ``anchor``) in interleaved rounds;
+    return both records.
+
+    On a shared CPU the wall clock drifts by more than the effects measured (one small case gave 2.7x to 17.7x in
+    four runs): two callables timed in separate tests are timed on two different machines. Here, after ``warmup``
+    untimed calls of each, every round times ``calls`` calls of one and then of the other, the order alternating
+    from round to round, and keeps the round's speedup (anchor median / this median). ``speedups[anchor]`` is the
+    median of those and ``round_speedups[anchor]`` keeps them all, so that a goal tells a stable result from a
+    lucky one (benchmarks/goals.py). ``bytes_moved``, ``flops`` and ``params`` describe the work of either.
+    """
+    device = device if device is not None else bench_device()
+    quick = is_quick(device)
+    rounds = rounds if rounds is not None else (5 if quick else 9)
+    warmup = warmup if warmup is not None else (1 if quick else 3)
+    for name in (label, anchor):
+        _check_new(name)
+    for _ in range(warmup):
+        fn()
+        anchor_fn()
+    times: dict[str, list[float]] = {label: [], anchor: []}
+    speedups, method = [], ""
+    for r in range(rounds):
+        pair = [(label, fn), (anchor, anchor_fn)]
+        medians = {}
+        for name, f in pair if r % 2 == 0 else pair[::-1]:
+            timing = time_callable(f, device=device, warmup=0, reps=calls)
+            times[name] += timing.times_s
+            medians[name], method = timing.median_s, timing.method
+        speedups.append(medians[anchor] / medians[label])
+    nodeid = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+
+    def record(name: str, f: Callable[[], Any], **kw: Any) -> Record:
+        return Record(label=name, group=group, nodeid=nodeid, device=str(device),
+                      median_s=statistics.median(times[name]), timing_method=method, reps=len(times[name]),
+                      bytes_moved=bytes_moved, flops=flops, params=dict(params or {}),
+                      peak_mem_bytes=peak_memory(f, device) if track_memory else None, **kw)  # fmt: skip
+
+    base = _register(record(anchor, anchor_fn))
+    return _register(record(label, fn, anchors=[anchor], round_speedups={anchor: speedups})), base
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(lower quartile, median, upper quartile) of ``values``: the middle half of the rounds lies between the two."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -429,6 +511,17 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
+def _speedup_cell(record: Record, anchor: str) -> str:
+    """The speedup over ``anchor``; with interleaved rounds, their quartiles after it."""
+    if anchor not in record.speedups:
+        return "-"
+    rounds = record.round_speedups.get(anchor)
+    if not rounds:
+        return f"{record.speedups[anchor]:.2f}x"
+    q1, _, q3 = quartiles(rounds)
+    return f"{record.speedups[anchor]:.2f}x [{q1:.2f}-{q3:.2f}]"
+
+
 def format_table(records: list[Record]) -> str:
     """A fixed-width table of records, grouped, one line each."""
     header = ("group", "label", "median", "GB/s", "TFLOP/s", "%copyBW", "peak MiB", "speedup", "vs anchor")
@@ -445,7 +538,7 @@ def format_table(records: list[Record]) -> str:
                 _fmt(r.tflops, ".2f"),
                 _fmt(None if r.frac_copy_bw is None else 100 * r.frac_copy_bw, ".0f"),
                 _fmt(None if r.peak_mem_bytes is None else r.peak_mem_bytes / (1 << 20), ".1f"),
-                ", ".join(f"{r.speedups[a]:.2f}x" if a in r.speedups else "-" for a in r.anchors) or "-",
+                ", ".join(_speedup_cell(r, a) for a in r.anchors) or "-",
                 ", ".join(r.anchors),
             )
         )

@@ -11,7 +11,9 @@ seconds):
 
     KDFORGE_BENCH_QUICK=0 python -m pytest benchmarks/test_bench_ext.py -q
 
-The table at the end lists each ext record with ``speedup`` over its anchor (eager, or faiss).
+Each ext record is timed in interleaved rounds with its anchor (``harness.compare``: on a shared CPU two separate
+timings differ by more than these goals' margins); the table at the end lists its ``speedup`` over the anchor
+(eager, or faiss) with the middle half of the rounds, and the goals are judged on those rounds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import goals
-from benchmarks.harness import measure, neighbours_beyond_ties, pick
+from benchmarks.harness import compare, neighbours_beyond_ties, pick
 from kdforge import _ext
 
 THREADS = 2
@@ -52,37 +54,35 @@ for _rows, _dim in LOSS_GOAL_SHAPES:
 
 
 @pytest.mark.parametrize("rows, dim", LOSS_SHAPES, ids=[f"{r}x{d}" for r, d in LOSS_SHAPES])
-@pytest.mark.parametrize("impl", ["eager", "ext"])
-def test_whitened_loss_fwd_bwd_cpu(benchmark, rows, dim, impl):
+def test_whitened_loss_fwd_bwd_cpu(rows, dim):
     g = torch.Generator().manual_seed(0)
     student = torch.randn(rows, dim, generator=g).requires_grad_()
     teacher = torch.randn(rows, dim, generator=g) * 2 + 3
 
-    if impl == "eager":
-        def step():
-            loss = F.smooth_l1_loss(student, F.layer_norm(teacher, (dim,), eps=1e-5), beta=2.0)
-            loss.backward()
-            student.grad = None
-    else:
-        def step():
-            _ext.whitened_loss(student, teacher, beta=2.0).backward()
-            student.grad = None
+    def eager():
+        loss = F.smooth_l1_loss(student, F.layer_norm(teacher, (dim,), eps=1e-5), beta=2.0)
+        loss.backward()
+        student.grad = None
+
+    def ext():
+        _ext.whitened_loss(student, teacher, beta=2.0).backward()
+        student.grad = None
 
     # The two must agree before either is timed.
     ref = F.smooth_l1_loss(student, F.layer_norm(teacher, (dim,), eps=1e-5), beta=2.0)
     torch.testing.assert_close(_ext.whitened_loss(student, teacher, beta=2.0), ref, rtol=1e-5, atol=1e-7)
 
-    n = rows * dim
-    measure(
-        benchmark,
-        step,
+    compare(
+        _loss_label("ext", rows, dim),
+        ext,
+        anchor=_loss_label("eager", rows, dim),
+        anchor_fn=eager,
         device=CPU,
-        label=_loss_label(impl, rows, dim),
         group=f"whitened_loss_cpu_{rows}x{dim}",
         # Least traffic of a fused kernel: read student and teacher, write the gradient once.
-        bytes_moved=3 * 4 * n,
-        anchor=None if impl == "eager" else _loss_label("eager", rows, dim),
-        rounds=pick(5, 21, CPU),
+        bytes_moved=3 * 4 * rows * dim,
+        rounds=pick(5, 9, CPU),
+        calls=pick(3, 5, CPU),
         warmup=pick(1, 3, CPU),
         params={"rows": rows, "dim": dim, "threads": THREADS},
     )
@@ -124,42 +124,29 @@ def faiss_index(knn_data):
     return index
 
 
-_FAISS_RESULT: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def test_knn_faiss_cpu(benchmark, knn_data, faiss_index):
-    q = knn_data[0].numpy()
-    _FAISS_RESULT["ip"] = _run_knn(benchmark, "faiss_cpu_flatip", lambda: faiss_index.search(q, KNN["k"]))
-
-
-def test_knn_ext(benchmark, knn_data, faiss_index):
+def test_knn_ext_vs_faiss_cpu(knn_data, faiss_index):
     queries, gallery = knn_data
-    scores, idx = _run_knn(benchmark, "ext", lambda: _ext.knn(queries, gallery, KNN["k"], metric="ip"))
-    if "ip" not in _FAISS_RESULT:  # run alone: search once more, untimed
-        f_scores, f_idx = faiss_index.search(queries.numpy(), KNN["k"])
-        _FAISS_RESULT["ip"] = torch.from_numpy(f_scores), torch.from_numpy(f_idx)
-    _same_neighbours_up_to_ties(scores, idx, *_FAISS_RESULT["ip"])
-
-
-def _run_knn(benchmark, impl, fn):
     q, g, d, k = KNN["q"], KNN["g"], KNN["d"], KNN["k"]
     out = {}
 
-    def call():
-        out["result"] = fn()
+    def ext():
+        out["ext"] = _ext.knn(queries, gallery, k, metric="ip")
 
-    measure(
-        benchmark,
-        call,
+    def faiss_cpu():
+        out["faiss"] = faiss_index.search(queries.numpy(), k)
+
+    compare(
+        _knn_label("ext", KNN),
+        ext,
+        anchor=_knn_label("faiss_cpu_flatip", KNN),
+        anchor_fn=faiss_cpu,
         device=CPU,
-        label=_knn_label(impl, KNN),
         group="knn_cpu",
         flops=2.0 * q * g * d,
         bytes_moved=4.0 * g * d,  # the gallery is read once
-        anchor=None if impl.startswith("faiss") else _knn_label("faiss_cpu_flatip", KNN),
-        rounds=pick(3, 3, CPU),
+        rounds=5,
         warmup=1,
         params={"threads": THREADS, **KNN},
     )
-    scores, idx = out["result"]
-    return torch.as_tensor(scores), torch.as_tensor(idx)
+    f_scores, f_idx = out["faiss"]
+    _same_neighbours_up_to_ties(*out["ext"], torch.from_numpy(f_scores), torch.from_numpy(f_idx))

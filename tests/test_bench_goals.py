@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -30,6 +31,101 @@ def test_speedup_goal_met_not_met_unmeasured():
         assert absent.status == goals.UNMEASURED and "eager" in absent.figure
     finally:
         goals.REGISTRY.pop(g.text)
+
+
+def _cpu_rec(label: str, median_s: float, **kw) -> Record:
+    return Record(label=label, group="g", nodeid="", device="cpu", median_s=median_s, timing_method="perf_counter",
+                  reps=5, **kw)
+
+
+@pytest.fixture
+def cpu_goal():
+    g = goals.speedup(99, "test: x >= 4x eager on the CPU", label="x", anchor="eager", at_least=4.0)
+    yield g
+    goals.REGISTRY.pop(g.text)
+
+
+def _judge(goal, rounds):
+    return goal.evaluate(_by_label(_cpu_rec("x", 1.0, anchors=["eager"], round_speedups={"eager": rounds}),
+                                   _cpu_rec("eager", 4.0)))
+
+
+def test_wall_clock_medians_timed_apart_get_no_verdict(cpu_goal):
+    """Two CPU medians from separate runs (one lucky sample each) are no evidence, however large their ratio."""
+    verdict = cpu_goal.evaluate(_by_label(_cpu_rec("x", 1.0, anchors=["eager"]), _cpu_rec("eager", 17.7)))
+    assert verdict.status == goals.UNMEASURED
+    assert "17.70x" in verdict.figure and "interleaved rounds" in verdict.figure
+
+
+def test_interleaved_rounds_give_met_not_met_or_noisy(cpu_goal):
+    met = _judge(cpu_goal, [4.2, 4.4, 4.1, 4.3, 4.5, 4.2, 4.6])
+    assert met.status == goals.MET
+    assert "4.30x, median of 7 interleaved rounds (middle half 4.20x to 4.45x" in met.figure
+    assert _judge(cpu_goal, [2.9, 3.1, 3.0, 3.2, 2.8]).status == goals.NOT_MET
+    # The middle half of the rounds on both sides of 4x: noisy, whichever side the median is on.
+    noisy = _judge(cpu_goal, [3.5, 4.2, 3.8, 4.4, 3.9, 3.94])
+    assert noisy.status == goals.NOISY and "3.92x" in noisy.figure
+    assert _judge(cpu_goal, [3.6, 4.2, 4.1, 4.4, 3.7, 4.1]).status == goals.NOISY
+
+
+def test_a_lucky_round_is_not_met(cpu_goal):
+    # One round far above the goal among rounds below it (a quiet moment of a shared machine): not met.
+    assert _judge(cpu_goal, [2.7, 3.0, 17.7, 2.9, 3.1]).status == goals.NOT_MET
+    # Too few rounds to tell a stable result from a lucky one: no verdict.
+    for rounds in ([17.7], [4.5, 4.6, 4.4, 4.7]):
+        verdict = _judge(cpu_goal, rounds)
+        assert verdict.status == goals.UNMEASURED and f">= {goals.MIN_ROUNDS}" in verdict.figure
+
+
+def test_engine_overhead_goal():
+    """Issue 2's goal, as benchmarks/test_bench_engine.py registers it: kdforge's train step at most 5% slower than
+    the plain PyTorch loop, judged on the rounds (speedup = plain / kdforge) at the goal sizes."""
+    from benchmarks import test_bench_engine as engine
+
+    (goal,) = [g for g in goals.REGISTRY.values() if g.issue == 2]
+    kdforge, plain = (engine._label(impl, engine.GOAL_DIMS) for impl in ("kdforge", "plain_pytorch"))
+    assert goal.labels == (kdforge, plain)
+
+    def judge(rounds):
+        return goal.evaluate(_by_label(_cpu_rec(kdforge, 1.03, anchors=[plain], round_speedups={plain: rounds}),
+                                       _cpu_rec(plain, 1.0)))
+
+    met = judge([0.97, 0.98, 0.96, 0.99, 0.97])  # 1% to 4% overhead
+    assert met.status == goals.MET
+    assert "overhead +3.1%, median of 5 interleaved rounds (middle half +2.0% to +3.1%" in met.figure
+    assert judge([0.90, 0.91, 0.89, 0.92, 0.90]).status == goals.NOT_MET  # ~11%
+    assert judge([0.93, 0.97, 0.94, 0.98, 0.96]).status == goals.NOISY  # middle half +3.1% to +6.4%
+    assert judge([0.90, 1.4, 0.91, 0.89, 0.92]).status == goals.NOT_MET  # one lucky round
+    assert goal.evaluate(_by_label(_cpu_rec(plain, 1.0))).status == goals.UNMEASURED
+
+
+def test_compare_interleaves_rounds(monkeypatch):
+    monkeypatch.setattr(harness, "RECORDS", {})
+    calls = []
+    x = torch.randn(256)
+
+    def fast():
+        calls.append("fast")
+        return x.sum()
+
+    def slow():
+        calls.append("slow")
+        return [x.sort() for _ in range(20)]
+
+    rec, base = harness.compare("fast", fast, anchor="slow", anchor_fn=slow, group="g", device=torch.device("cpu"),
+                                rounds=6, calls=2, warmup=1)
+    # After one warm-up call of each, rounds of 2 calls each; the order alternates from round to round.
+    rounds = [calls[2 + 4 * r: 6 + 4 * r] for r in range(6)]
+    assert rounds == [["fast"] * 2 + ["slow"] * 2, ["slow"] * 2 + ["fast"] * 2] * 3 and len(calls) == 26
+    assert rec.anchors == ["slow"] and len(rec.round_speedups["slow"]) == 6 and base.round_speedups == {}
+    assert rec.reps == base.reps == 12 and rec.timing_method == "perf_counter"
+    assert rec.speedups["slow"] == statistics.median(rec.round_speedups["slow"])
+    finalized = {r.label: r for r in harness.finalize()}
+    assert finalized["fast"].speedups["slow"] == rec.speedups["slow"]  # the anchor's median does not replace it
+    q1, _, q3 = harness.quartiles(rec.round_speedups["slow"])
+    assert f"{rec.speedups['slow']:.2f}x [{q1:.2f}-{q3:.2f}]" in harness.format_table(list(finalized.values()))
+    with pytest.raises(ValueError, match="recorded twice"):
+        harness.compare("fast", fast, anchor="other", anchor_fn=slow, group="g", device=torch.device("cpu"))
 
 
 def test_copy_bandwidth_and_memory_goals():
@@ -91,6 +187,7 @@ def test_json_round_trip_and_command(tmp_path, capsys, monkeypatch):
         out = capsys.readouterr().out
         assert "[       met] issue 99: test: x >= 3x eager (json)" in out
         assert "issue 3: whitened_loss bf16 [65792, 768]: >= 3x torch eager" in out
+        assert "[unmeasured] issue 2: train step, teacher 192x4" in out  # the engine-overhead goal is known
         assert goals.main([str(tmp_path / "missing.json")]) == 2
         assert "does not exist" in capsys.readouterr().out
     finally:

@@ -40,7 +40,7 @@ def test_random_data_and_k_equal_to_g(gen, metric):
     for k in (1, 10, 233):
         scores, idx = _ext.knn(queries, gallery, k, metric=metric, chunk_size=50)
         ref_scores, ref_idx = ref_knn(queries, gallery, k, metric)
-        assert_same_neighbours(scores, idx, ref_scores, ref_idx, tol=1e-4, largest=metric == "ip")
+        assert_same_neighbours(scores, idx, ref_scores, ref_idx, rtol=1e-5, largest=metric == "ip")
     assert torch.equal(torch.sort(idx, dim=1).values, torch.arange(233).expand(21, -1))  # k = G: all of them
 
 
@@ -104,12 +104,12 @@ def test_same_neighbours_as_faiss(gen):
     index.add(gallery.numpy())
     f_scores, f_idx = index.search(queries.numpy(), 25)
     scores, idx = _ext.knn(queries, gallery, 25, metric="ip", chunk_size=512)
-    assert_same_neighbours(scores, idx, torch.from_numpy(f_scores), torch.from_numpy(f_idx), tol=1e-4)
+    assert_same_neighbours(scores, idx, torch.from_numpy(f_scores), torch.from_numpy(f_idx), rtol=1e-5)
     l2 = faiss.IndexFlatL2(48)
     l2.add(gallery.numpy())
     f_scores, f_idx = l2.search(queries.numpy(), 25)
     scores, idx = _ext.knn(queries, gallery, 25, metric="l2")
-    assert_same_neighbours(scores, idx, torch.from_numpy(f_scores), torch.from_numpy(f_idx), tol=1e-3,
+    assert_same_neighbours(scores, idx, torch.from_numpy(f_scores), torch.from_numpy(f_idx), rtol=1e-5,
                            largest=False)
 
 

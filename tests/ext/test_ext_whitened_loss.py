@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from ext_helpers import assert_close
 from reference64 import whitened_loss as ref_whitened_loss
+from tolerances import close
 
 from kdforge import _ext
 
@@ -43,8 +43,8 @@ def test_matches_reference(gen, dtype, loss, whiten):
     ref, ref_grad = ref_whitened_loss(student, teacher, **kw)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert grad.dtype == dtype and grad.shape == student.shape
-    assert_close(out, ref, dtype if dtype == torch.float64 else torch.float32, factor=4)
-    assert_close(grad, ref_grad * grad_out.double(), dtype)
+    close(out, ref, dtype if dtype == torch.float64 else torch.float32, factor=4)
+    close(grad, ref_grad * grad_out.double(), dtype)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -57,12 +57,12 @@ def test_reductions_with_index_and_duplicates(gen, reduction):
     out, grad, grad_out = _loss_and_grad(student, teacher, gen, **kw)
     ref, ref_grad = ref_whitened_loss(student, teacher, **kw)
     assert out.shape == ref.shape == ((19,) if reduction == "none" else ())
-    assert_close(out, ref, torch.float32, factor=4)
+    close(out, ref, torch.float32, factor=4)
     if reduction == "none":  # per-row weights: grad = sum_i w_i dl_i at row index[i]
         ref_grad, _ = _weighted_rows_grad(student, teacher, index, grad_out)
     else:
         ref_grad = ref_grad * float(grad_out)
-    assert_close(grad, ref_grad, torch.float32)
+    close(grad, ref_grad, torch.float32)
     untouched = torch.ones(rows, dtype=torch.bool)
     untouched[index] = False
     assert torch.count_nonzero(grad.reshape(rows, -1)[untouched]) == 0
@@ -81,9 +81,9 @@ def test_none_without_index_keeps_leading_shape(gen):
     out, grad, grad_out = _loss_and_grad(student, teacher, gen, reduction="none", loss="mse")
     ref, _ = ref_whitened_loss(student, teacher, reduction="none", loss="mse")
     assert out.shape == SHAPE[:-1]
-    assert_close(out, ref, torch.float32, factor=4)
+    close(out, ref, torch.float32, factor=4)
     _, per_elem = ref_whitened_loss(student, teacher, reduction="sum", loss="mse")
-    assert_close(grad, per_elem * grad_out.double()[..., None], torch.float32)
+    close(grad, per_elem * grad_out.double()[..., None], torch.float32)
 
 
 def test_empty_index_gives_zero_loss_and_gradient(gen):
@@ -105,8 +105,8 @@ def test_non_contiguous_inputs(gen):
     student = base_s.detach().requires_grad_()  # a non-contiguous leaf
     out, grad, grad_out = _loss_and_grad(student, base_t, gen, beta=1.0)
     ref, ref_grad = ref_whitened_loss(student, base_t.contiguous(), beta=1.0)
-    assert_close(out, ref, torch.float32, factor=4)
-    assert_close(grad, ref_grad * float(grad_out), torch.float32)
+    close(out, ref, torch.float32, factor=4)
+    close(grad, ref_grad * float(grad_out), torch.float32)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
@@ -118,8 +118,8 @@ def test_matches_torch_layer_norm_and_smooth_l1(gen, beta):
     s2 = student.detach().clone().requires_grad_()
     ref = F.smooth_l1_loss(s2, F.layer_norm(teacher, (29,), eps=1e-5), beta=beta)
     ref.backward()
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, s2.grad, rtol=1e-5, atol=1e-8)
+    close(out, ref, torch.float32)
+    close(grad, s2.grad, torch.float32)
 
 
 def test_loss_backward_twice_with_retained_graph(gen):
@@ -129,9 +129,9 @@ def test_loss_backward_twice_with_retained_graph(gen):
     out.backward(retain_graph=True)
     first = student.grad.clone()
     out.backward()
-    torch.testing.assert_close(student.grad, 2 * first)
+    close(student.grad, 2 * first, torch.float32)
     _, ref_grad = ref_whitened_loss(student, teacher)
-    assert_close(first, ref_grad, torch.float32)
+    close(first, ref_grad, torch.float32)
 
 
 def test_mixed_dtypes_promote(gen):
@@ -140,8 +140,8 @@ def test_mixed_dtypes_promote(gen):
     out, grad, grad_out = _loss_and_grad(student, teacher32, gen)
     ref, ref_grad = ref_whitened_loss(student, teacher32)
     assert grad.dtype == torch.bfloat16
-    assert_close(out, ref, torch.float32, factor=4)
-    assert_close(grad, ref_grad * float(grad_out), torch.bfloat16)
+    close(out, ref, torch.float32, factor=4)
+    close(grad, ref_grad * float(grad_out), torch.bfloat16)
 
 
 def test_teacher_gets_no_gradient(gen):
@@ -197,11 +197,8 @@ def test_baseline_and_avx2_kernels_agree():
     if native["isa"] != "AVX2":
         pytest.skip(f"this CPU cannot run the AVX2 copy (ATen capability {native['isa']})")
     for dtype in ("float32", "bfloat16"):
-        torch.testing.assert_close(torch.tensor(default[dtype][0]), torch.tensor(native[dtype][0]),
-                                   rtol=1e-5, atol=1e-7)
-        tol = 1e-5 if dtype == "float32" else 1e-2
-        torch.testing.assert_close(torch.tensor(default[dtype][1]), torch.tensor(native[dtype][1]),
-                                   rtol=tol, atol=tol * 1e-3)
+        close(torch.tensor(default[dtype][0]), torch.tensor(native[dtype][0]), torch.float32)
+        close(torch.tensor(default[dtype][1]), torch.tensor(native[dtype][1]), getattr(torch, dtype))
 
 
 def test_opcheck():
@@ -223,8 +220,8 @@ def test_compiles_with_torch_compile(gen):
     out = fn(student, teacher)
     (grad,) = torch.autograd.grad(out, student)
     ref, ref_grad = ref_whitened_loss(student, teacher, beta=0.7)
-    assert_close(out, 2 * ref, torch.float32, factor=4)
-    assert_close(grad, 2 * ref_grad, torch.float32)
+    close(out, 2 * ref, torch.float32, factor=4)
+    close(grad, 2 * ref_grad, torch.float32)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_helpers import DEVICE, ON_GPU, close, gpu_only, randn
+from ops_helpers import DEVICE, ON_GPU, gpu_only, randn
+from tolerances import close
 
 from kdforge.errors import BackendUnavailable, ShapeError
 from kdforge.ops import _dispatch, reference, whitened_loss
