@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kdforge.data import DataSource
 from kdforge.data.datasets import TensorImageDataset, apply_transform, mix_seed
 from kdforge.errors import DataError
+from kdforge.ranges import ImageSide, ItemCount, Seed
 
 __all__ = ["DigitsSource", "SingleImageSource", "SINGLE_IMAGES"]
 
@@ -69,11 +70,11 @@ class DigitsSource(DataSource):
 
     @dataclasses.dataclass
     class Config:
-        image_size: int = 32
+        image_size: ImageSide = 32
         "side of the upsampled square images, in pixels (the originals are 8x8)"
         val_fraction: float = 0.2
         "fraction of each class held out as the val split"
-        seed: int = 0
+        seed: Seed = 0
         "seed of the train/val split"
 
         def __post_init__(self) -> None:
@@ -186,17 +187,17 @@ class SingleImageSource(DataSource):
         "scikit-image sample photo to crop from"
         path: str = ""
         "a local image file to crop from instead of the sample photo ('' uses image)"
-        num_train: int = 10000
+        num_train: ItemCount = 10000
         "crops in the train split (the data set's length)"
-        num_val: int = 1000
+        num_val: ItemCount = 1000
         "crops in the val split (drawn with a different seed)"
-        crop_size: int = 224
+        crop_size: ImageSide = 224
         "side of each square crop after resizing, in pixels"
         scale: tuple[float, float] = (0.08, 1.0)
         "range of each crop's area as a fraction of the photo"
         ratio: tuple[float, float] = (3 / 4, 4 / 3)
         "range of each crop's aspect ratio (width / height) before resizing"
-        seed: int = 0
+        seed: Seed = 0
         "seed of the crop boxes; the same seed gives the same crops"
 
         def __post_init__(self) -> None:

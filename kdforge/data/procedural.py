@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kdforge.data import DataSource
 from kdforge.data.datasets import TensorImageDataset, mix_seed
+from kdforge.ranges import ImageSide, ItemCount, Seed
 
 __all__ = ["GENERATOR_VERSION", "SHAPES", "ProceduralSource", "cached_generate", "generate"]
 
@@ -222,6 +223,9 @@ def generate(
     return torch.cat(images)[:num_images], torch.cat(labels)[:num_images]
 
 
+#: The most bytes one generated split may take (it is held in memory as uint8).
+_MEMORY_LIMIT = 8 * 2**30
+
 _CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _CACHE_LOCK = threading.Lock()
 _CACHE_ENTRIES = 8  # a handful of (config, split) pairs; a 10k x 32 x 32 split is 30 MB
@@ -252,13 +256,13 @@ class ProceduralSource(DataSource):
     class Config:
         num_classes: int = 10
         "number of shape classes, 2 to 12 (disc, square, triangle, cross, ring, bar pair, star, crescent, ...)"
-        image_size: int = 32
+        image_size: ImageSide = 32
         "side of the generated square images, in pixels"
-        num_train: int = 10000
+        num_train: ItemCount = 10000
         "images in the train split"
-        num_val: int = 2000
+        num_val: ItemCount = 2000
         "images in the val split"
-        seed: int = 0
+        seed: Seed = 0
         "seed of the generator; the same seed gives the same images"
 
         def __post_init__(self) -> None:
@@ -268,8 +272,13 @@ class ProceduralSource(DataSource):
                 )
             if self.image_size < 8:
                 raise ValueError(f"image_size must be at least 8 pixels to draw a shape, got {self.image_size}")
-            if self.num_train < 0 or self.num_val < 0:
-                raise ValueError("num_train and num_val must be >= 0")
+            size = max(self.num_train, self.num_val) * 3 * self.image_size**2
+            if size > _MEMORY_LIMIT:
+                raise ValueError(
+                    f"{max(self.num_train, self.num_val)} images of {self.image_size} x {self.image_size} px take "
+                    f"{size / 2**30:.1f} GiB: procedural images are generated in memory (at most "
+                    f"{_MEMORY_LIMIT // 2**30} GiB per split); lower num_train / num_val or image_size"
+                )
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

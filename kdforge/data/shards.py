@@ -1,6 +1,8 @@
 """WebDataset tar shards: ``train-{000000..000127}.tar`` with ``<key>.jpg`` (or png, webp) and ``<key>.cls`` members.
 
-The ``webdataset`` package reads the tar files (local paths, ``pipe:`` commands or URLs); this module decides
+The ``webdataset`` package reads the tar files (local paths, URLs, or ``pipe:`` shell commands, which run only
+when the recipe sets ``allow_pipe = true``: a recipe should not run shell commands unless it says so); this module
+decides
 which shards each process reads, shuffles them and decodes samples itself so that an undecodable image becomes a
 :class:`kdforge.data.Skipped` record like in every other source. Shards are split across distributed ranks first
 and DataLoader workers second (a rank or worker with no shard reads nothing: use at least ranks x workers shards).
@@ -14,13 +16,14 @@ import importlib
 import io
 import os
 import random
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator
 
 import torch
 
 from kdforge.data import DataSource, Skipped
 from kdforge.data.datasets import apply_transform
 from kdforge.errors import DataError
+from kdforge.ranges import NonNegativeInt, Range, Seed
 
 __all__ = ["ShardDataset", "WebDatasetSource", "expand_shards"]
 
@@ -164,29 +167,41 @@ class WebDatasetSource(DataSource):
     @dataclasses.dataclass
     class Config:
         train_urls: str = ""
-        "train shards, brace-expanded: '/data/shards/train-{000000..000127}.tar' (also pipe: and http URLs)"
+        "train shards, brace-expanded: '/data/shards/train-{000000..000127}.tar' (also http URLs; pipe: commands need allow_pipe)"
         val_urls: str = ""
         "val shards, same form as train_urls"
         image_keys: list[str] = dataclasses.field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
         "member extensions tried in order for a sample's image"
         label_key: str = "cls"
         "member extension holding the integer label as text; '' for unlabelled shards (label -1)"
-        num_classes: int = 0
+        num_classes: NonNegativeInt = 0
         "number of classes in the labels (0: unlabelled or unknown)"
         shuffle_shards: bool = True
         "train: read shards in a seeded random order that changes with the epoch"
-        shuffle_buffer: int = 1000
-        "train: samples held in the shuffle buffer (0 or 1: no sample shuffling)"
-        seed: int = 0
+        shuffle_buffer: Annotated[int, Range(ge=0, le=1_000_000)] = 1000
+        "train: samples held in the shuffle buffer, in memory as encoded bytes (0 or 1: no sample shuffling)"
+        seed: Seed = 0
         "seed of the shard order and shuffle buffer"
-        length: int = 0
+        length: NonNegativeInt = 0
         "samples per epoch over all ranks, when known (gives the dataset a len); 0: unknown"
+        allow_pipe: bool = False
+        "let 'pipe:CMD' shard URLs run CMD in a shell (e.g. 'pipe:aws s3 cp s3://bucket/train-000.tar -'); off, a pipe: URL is an error"
 
         def __post_init__(self) -> None:
-            if self.num_classes < 0 or self.length < 0 or self.shuffle_buffer < 0:
-                raise ValueError("num_classes, length and shuffle_buffer must be >= 0")
             if not self.image_keys:
                 raise ValueError("image_keys must name at least one member extension, e.g. ['jpg']")
+            for key in ("train_urls", "val_urls"):
+                # Any "pipe:" counts, wherever braces or '::' put it: webdataset would run what follows in a shell.
+                if "pipe:" in getattr(self, key) and not self.allow_pipe:
+                    raise ValueError(
+                        f"{key} = {getattr(self, key)!r} has pipe: URLs, which run shell commands: set allow_pipe = "
+                        "true if the recipe should run them, or give local paths or http(s) URLs"
+                    )
+
+        def runs_code(self) -> list[str]:
+            """Settings that run code from outside kdforge (see kdforge.engine.runs.code_it_would_run)."""
+            urls = [u for u in (self.train_urls, self.val_urls) if "pipe:" in u]
+            return [f"allow_pipe = true runs the shell commands of {u!r}" for u in urls] if self.allow_pipe else []
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

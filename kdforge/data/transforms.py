@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import torch
+
+from kdforge.ranges import ImageSide, Range
 
 __all__ = ["ImageTransform", "TransformConfig", "as_float_image", "build_transform", "to_image_tensor", "to_rgb8"]
 
@@ -24,7 +26,7 @@ _UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 @dataclasses.dataclass
 class TransformConfig:
-    image_size: int = 224
+    image_size: ImageSide = 224
     "side of the square output image, in pixels"
     scale: tuple[float, float] = (0.08, 1.0)
     "train: range of the random resized crop's area, as a fraction of the image"
@@ -32,8 +34,8 @@ class TransformConfig:
     "train: range of the random resized crop's aspect ratio (width / height)"
     hflip: float = 0.5
     "train: probability of a horizontal flip"
-    color_jitter: float = 0.0
-    "train: colour jitter strength s (brightness, contrast, saturation 0.4 s, hue 0.1 s, applied with p 0.8); 0 is off"
+    color_jitter: Annotated[float, Range(ge=0, le=5)] = 0.0
+    "train: colour jitter strength s (brightness, contrast, saturation 0.4 s, hue 0.1 s <= 0.5, applied with p 0.8); 0 is off"
     crop_pct: float = 0.875
     "eval: resize the shorter side to image_size / crop_pct, then take the centre image_size crop"
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
@@ -50,8 +52,6 @@ class TransformConfig:
             raise ValueError(f"ratio must be (lo, hi) with 0 < lo <= hi, got {tuple(self.ratio)}")
         if not 0 <= self.hflip <= 1:
             raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
-        if self.color_jitter < 0:
-            raise ValueError(f"color_jitter must be >= 0 (0 turns it off), got {self.color_jitter}")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from kdforge.eval import Evaluator
 from kdforge.eval.metrics import check_labelled, topk_accuracy
 from kdforge.ops import knn
+from kdforge.ranges import Workers
 
 __all__ = ["KnnEvaluator", "knn_classify", "knn_predict_scores"]
 
@@ -102,7 +103,7 @@ class KnnEvaluator(Evaluator):
         "vote weight of a neighbour is exp(cosine similarity / temperature)"
         chunk_size: int = 1024
         "most test images per similarity block (fewer when the train set is large)"
-        num_workers: int = 0
+        num_workers: Workers = 0
         "DataLoader workers for feature extraction"
 
         def __post_init__(self) -> None:

@@ -10,13 +10,14 @@ tune, which is what a probe should be: a measurement of the features, not of the
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from kdforge.eval import Evaluator
 from kdforge.eval.metrics import check_labelled, topk_accuracy
+from kdforge.ranges import Range, Seed, Workers
 
 __all__ = ["LinearProbeEvaluator", "fit_logistic", "linear_probe"]
 
@@ -131,11 +132,11 @@ class LinearProbeEvaluator(Evaluator):
         "L2 penalties tried (on standardised features); the best on the held-out split is used"
         holdout_fraction: float = 0.2
         "fraction of the train set held out to pick the weight decay"
-        max_iter: int = 200
+        max_iter: Annotated[int, Range(ge=1, le=100_000)] = 200
         "L-BFGS iterations per fit"
-        seed: int = 0
+        seed: Seed = 0
         "seed of the held-out split"
-        num_workers: int = 0
+        num_workers: Workers = 0
         "DataLoader workers for feature extraction"
 
         def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from kdforge.losses import DistillLoss
 from kdforge.ops import masked_gather, whitened_loss
 from kdforge.plugins import hookimpl
+from kdforge.ranges import PositiveFloat
 from kdforge.students import ProjectionHead
 
 Backend = Literal["auto", "reference", "triton", "ext"]
@@ -99,9 +100,9 @@ class FDFeatureLoss(DistillLoss):
 
     @dataclasses.dataclass
     class Config:
-        beta: float = 2.0
+        beta: PositiveFloat = 2.0
         """Smooth-L1 beta (FD's released code uses 2.0)."""
-        eps: float = 1e-5
+        eps: PositiveFloat = 1e-5
         """LayerNorm epsilon of the whitening (torch's default)."""
         backend: Backend = "auto"
         """Kernel backend of kdforge.ops.whitened_loss."""

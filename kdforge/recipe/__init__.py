@@ -24,12 +24,17 @@ from kdforge.recipe.config import (
     RunConfig,
     TrainConfig,
 )
+from kdforge.ranges import NonNegativeFloat
 from kdforge.recipe.schema import build, did_you_mean, to_dict
 
 __all__ = [
     "EvalConfig", "OptimConfig", "Recipe", "RunConfig", "TrainConfig",
     "load_recipe", "parse_override", "resolve", "to_dict", "dump_toml",
 ]
+
+#: Keys of a [losses.<label>] table that the engine reads (the others are the loss plugin's Config).
+LOSS_TABLE_KEYS = {"weight": NonNegativeFloat}
+"""weight: the loss's factor in the total (default 1.0; 0 keeps it computed and logged but not trained on)."""
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -129,13 +134,14 @@ def resolve(recipe: Recipe) -> None:
 
     registry = get_registry()
 
-    def check(kind: str, table: dict, where: str, generic: tuple[str, ...] = ()) -> None:
-        table = {k: v for k, v in table.items() if k not in generic}
+    def check(kind: str, table: dict, where: str, engine_keys: dict | None = None) -> None:
+        table = dict(table)
         name = table.pop("plugin", None)
-        if name is None:
-            raise RecipeError(f"[{where}] needs `plugin = \"...\"`: one of {', '.join(registry.names(kind))}")
+        if not isinstance(name, str):
+            what = "needs" if name is None else f"has plugin = {name!r}; it needs"
+            raise RecipeError(f"[{where}] {what} `plugin = \"...\"` naming one of {', '.join(registry.names(kind))}")
         cls = registry.get(kind, name, where)
-        build(cls.Config, table, where)
+        build(cls.Config, table, where, extra=engine_keys)
 
     for section, kind in (("teacher", "teachers"), ("student", "students"), ("data", "data_sources")):
         table = getattr(recipe, section)
@@ -149,10 +155,7 @@ def resolve(recipe: Recipe) -> None:
     for label, table in recipe.losses.items():
         if not isinstance(table, dict):
             raise RecipeError(f"losses.{label} must be a table like [losses.{label}] plugin = \"proteus.token\"")
-        check("losses", table, f"losses.{label}", generic=("weight",))
-        w = table.get("weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise RecipeError(f"losses.{label}.weight must be a number, got {w!r}")
+        check("losses", table, f"losses.{label}", engine_keys=LOSS_TABLE_KEYS)
     if recipe.eval.evaluators:
         if not recipe.eval.data:
             raise RecipeError("[eval] has evaluators but no [eval.data] table naming a labelled data source")

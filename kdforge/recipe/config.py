@@ -8,9 +8,22 @@ checked against that plugin's own ``Config`` when the recipe is resolved.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from kdforge.data.transforms import TransformConfig
+from kdforge.ranges import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    Range,
+    Seed,
+    Workers,
+)
+
+#: A run name is one plain directory name under runs/ (run.output_dir or --output-dir place a run anywhere).
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 @dataclasses.dataclass
@@ -19,53 +32,70 @@ class RunConfig:
     """Run name; the default output directory is runs/<name>."""
     output_dir: str = ""
     """Where checkpoints, metrics and summary.json go (default runs/<name>; --output-dir overrides)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed for initialisation, data order, augmentation and masks."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when available."""
-    threads: int = 0
+    threads: Annotated[int, Range(ge=0, le=1024)] = 0
     """torch CPU threads (0 = torch's default)."""
+
+    def __post_init__(self) -> None:
+        if not _RUN_NAME.fullmatch(self.name) or set(self.name) == {"."}:
+            raise ValueError(
+                f"name = {self.name!r} must be a plain directory name (letters, digits, '.', '_', '+', '-'; no "
+                "'/' or '..'): the run goes to runs/<name>. To place it elsewhere set run.output_dir or pass "
+                "--output-dir"
+            )
+
+
+#: An AdamW beta: the decay of a running average, in [0, 1).
+_Beta = Annotated[float, Range(ge=0, lt=1)]
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    lr: float = 5e-4
+    lr: Annotated[float, Range(gt=0, le=1)] = 5e-4
     """Base learning rate for a global batch of `lr_scale_batch` images (scaled linearly by the global batch)."""
-    lr_scale_batch: int = 512
+    lr_scale_batch: PositiveInt = 512
     """Reference batch size of the linear lr scaling rule (lr * global_batch / lr_scale_batch)."""
-    min_lr: float = 1e-5
+    min_lr: NonNegativeFloat = 1e-5
     """Learning rate at the end of the cosine schedule."""
-    warmup_epochs: float = 5.0
+    warmup_epochs: NonNegativeFloat = 5.0
     """Linear warm-up length in epochs (fractions allowed)."""
-    weight_decay: float = 0.05
+    weight_decay: Annotated[float, Range(ge=0, le=1)] = 0.05
     """AdamW weight decay (not applied to norms, biases, tokens and position embeddings)."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)
     """AdamW betas."""
-    clip_grad: float = 0.0
+    clip_grad: NonNegativeFloat = 0.0
     """Clip the global gradient norm to this value (0 disables)."""
+
+    def __post_init__(self) -> None:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr = {self.min_lr:g} is above lr = {self.lr:g}: the cosine schedule decays from lr "
+                             "down to min_lr; lower min_lr")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    epochs: int = 300
+    epochs: PositiveInt = 300
     """Number of passes over the training data."""
-    batch_size: int = 128
+    batch_size: PositiveInt = 128
     """Images per process per micro-step (global batch = batch_size x accum_steps x world size)."""
-    accum_steps: int = 1
+    accum_steps: PositiveInt = 1
     """Gradient accumulation: micro-steps per optimizer step."""
-    max_steps: int = 0
+    max_steps: NonNegativeInt = 0
     """Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype for student and teacher forward passes (fp16 uses a GradScaler)."""
-    num_workers: int = 0
+    num_workers: Workers = 0
     """DataLoader worker processes."""
-    checkpoint_every: int = 500
+    checkpoint_every: NonNegativeInt = 500
     """Write a checkpoint every N optimizer steps (and at the end; 0 = only at the end)."""
-    keep_checkpoints: int = 1
+    keep_checkpoints: NonNegativeInt = 1
     """How many step checkpoints to keep besides last.pt."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Log metrics every N optimizer steps."""
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: Fraction = 0.01
     """Fail when more than this fraction of images could not be read."""
     compile: bool = False
     """torch.compile the student."""
@@ -81,9 +111,9 @@ class EvalConfig:
     """Evaluate the student after training: summary keys student_<metric>_after."""
     teacher: bool = True
     """Evaluate the teacher too: summary keys teacher_<metric>."""
-    every_epochs: int = 0
+    every_epochs: NonNegativeInt = 0
     """Also evaluate the student every N epochs (0 = never)."""
-    batch_size: int = 256
+    batch_size: PositiveInt = 256
     """Feature-extraction batch size."""
     features: Literal["cls", "mean_patch"] = "cls"
     """What represents an image, for student and teacher alike: the CLS token after the final norm, or the mean of

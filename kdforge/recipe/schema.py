@@ -2,8 +2,12 @@
 
 Every component declares a ``Config`` dataclass; each field is followed by a one-line string literal that
 documents it (attribute docstring). :func:`build` converts a dict (one recipe table) into that dataclass,
-checking keys, types and ``Literal`` values, and raises :class:`RecipeError` naming the table, the key and
-the closest valid key.
+checking keys, types, ``Literal`` values and ranges, and raises :class:`RecipeError` naming the table, the key
+and the closest valid key, or the allowed range.
+
+Numbers: every float must be finite (TOML can spell ``nan`` and ``inf``; no recipe value means either), and a field
+annotated ``Annotated[int, Range(ge=1)]`` (or one of the aliases of :mod:`kdforge.ranges`, e.g. ``PositiveInt``)
+must lie in its range. Ranges are checked when the recipe is resolved, before anything is built or written.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
 
 from kdforge.errors import RecipeError
+from kdforge.ranges import Range
 
 __all__ = ["build", "closest", "field_docs", "to_dict"]
 
@@ -47,6 +53,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        inner, *extras = get_args(tp)
+        value = _convert(value, inner, where)
+        for rng in extras:
+            if isinstance(rng, Range) and value not in rng:
+                raise RecipeError(f"{where} = {value!r} is out of range: it must be {rng.describe()}")
+        return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -59,6 +72,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except RecipeError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # ``X | None``: X's own message says more (a range, a length) than the type name
+            raise RecipeError(errors[0])
         raise RecipeError(f"{where} = {value!r}: expected {_type_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
@@ -102,6 +117,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -112,19 +129,25 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def build(cls: type, data: dict[str, Any] | None, where: str) -> Any:
+def build(cls: type, data: dict[str, Any] | None, where: str, extra: Mapping[str, Any] | None = None) -> Any:
     """Instantiate dataclass ``cls`` from ``data`` (a recipe table at ``where``), checking every key.
 
-    Raises RecipeError("unknown key 'lr_sched' in [optim]: did you mean 'lr_schedule'?") and alike.
+    ``extra`` maps keys that the table may hold besides ``cls``'s fields (keys the engine reads, such as a loss
+    table's ``weight``) to their types: they are checked like fields and offered as suggestions, but not passed to
+    ``cls``. Raises RecipeError("unknown key 'lr_sched' in [optim]: did you mean 'lr_schedule'?") and alike.
     """
     data = dict(data or {})
-    hints = typing.get_type_hints(cls)
+    extra = dict(extra or {})
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
+        if key in extra and key not in fields:
+            _convert(value, extra[key], f"{where}.{key}")
+            continue
         if key not in fields:
             kind = "table" if isinstance(value, dict) else "key"
-            raise RecipeError(f"unknown {kind} '{key}' in [{where}]: {did_you_mean(key, fields)}")
+            raise RecipeError(f"unknown {kind} '{key}' in [{where}]: {did_you_mean(key, [*fields, *extra])}")
         kwargs[key] = _convert(value, hints[key], f"{where}.{key}")
     missing = [
         n

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from kdforge.errors import KdforgeError
+from kdforge.ranges import ColourStd
 from kdforge.students import Student, StudentOutput, check_images, check_mask
 from kdforge.teachers import patch_grid
 from kdforge.teachers.timm_utils import (
@@ -140,7 +141,7 @@ class TimmStudent(Student):
         """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
         mean: tuple[float, float, float] | None = None
         """RGB mean for input normalisation (default: the model's pretrained_cfg)."""
-        std: tuple[float, float, float] | None = None
+        std: ColourStd | None = None
         """RGB std for input normalisation (default: the model's pretrained_cfg)."""
 
         def __post_init__(self):

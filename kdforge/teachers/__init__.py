@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from kdforge.errors import ShapeError
+from kdforge.ranges import NonNegativeInt
 
 __all__ = ["Teacher", "TeacherOutput", "autocast_context", "to_plain_float"]
 
@@ -73,7 +74,7 @@ class Teacher(nn.Module):
     class Config:
         autocast: Literal["auto", "bf16", "fp16", "none"] = "auto"
         """Mixed precision of the teacher's forward: auto is bf16 on CUDA, none elsewhere; outputs are float32."""
-        hidden_layers: int = 0
+        hidden_layers: NonNegativeInt = 0
         """How many of the last blocks' outputs to return in TeacherOutput.hidden (0: none)."""
 
         def __post_init__(self):

@@ -8,20 +8,39 @@ which works offline (``git clone https://github.com/facebookresearch/dinov2`` el
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from unittest import mock
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from kdforge.errors import KdforgeError, ShapeError
+from kdforge.ranges import ColourStd
 from kdforge.teachers import Teacher, TeacherOutput
 from kdforge.teachers.checkpoint import load_into, read_state_dict
 
 __all__ = ["TorchHubTeacher"]
 
 _REQUIRED = ("forward_features", "embed_dim", "patch_size")
+
+
+class _Untrusted(Exception):
+    """torch.hub wanted to ask whether to trust a repository: kdforge answers no (trusting is a recipe setting)."""
+
+
+@contextlib.contextmanager
+def _no_prompt():
+    """torch.hub asks on stdin before running an untrusted repository's code and raises a bare Exception on "no";
+    a training job has nobody to answer, so the question itself becomes :class:`_Untrusted`."""
+
+    def refuse(prompt: str = "") -> str:
+        raise _Untrusted(prompt)
+
+    with mock.patch.object(torch.hub, "input", refuse, create=True):  # torch.hub's own name shadows the builtin
+        yield
 
 
 class TorchHubTeacher(Teacher):
@@ -45,16 +64,30 @@ class TorchHubTeacher(Teacher):
         """Entry of the checkpoint dict that holds the weights (empty: model, state_dict or the top level)."""
         trust_pickle: bool = False
         """Allow torch.load to unpickle arbitrary objects in checkpoint (only for files you trust)."""
-        trust_repo: bool = True
-        """Run the repository's hubconf.py without torch.hub's interactive prompt (you named the repo in the recipe)."""
+        trust_repo: bool = False
+        """Run a GitHub repository's hubconf.py even when torch.hub does not trust it yet. Off, torch.hub's own check
+        decides: repositories of owners it trusts (facebookresearch, pytorch ...) or trusted before on this machine
+        load, others are refused (kdforge asks no question). Set true only for a repository whose code you trust."""
         hub_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
         """Extra keyword arguments for the hub entry point."""
         hidden_norm: bool = True
         """Apply the final norm to the hidden outputs too (get_intermediate_layers(norm=True), DINOv2's default)."""
+
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
         """RGB mean for input normalisation (DINOv2 uses ImageNet's)."""
-        std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+        std: ColourStd = (0.229, 0.224, 0.225)
         """RGB std for input normalisation (DINOv2 uses ImageNet's)."""
+
+        def runs_code(self) -> list[str]:
+            """Settings that run code from outside kdforge (see kdforge.engine.runs.code_it_would_run)."""
+            found = []
+            if self.source == "local":
+                found.append(f"source = 'local' runs {os.path.join(self.repo, 'hubconf.py')}")
+            if self.trust_repo:
+                found.append(f"trust_repo = true runs hubconf.py of '{self.repo}' without torch.hub's trust check")
+            if self.trust_pickle and self.checkpoint:
+                found.append(f"trust_pickle = true unpickles '{self.checkpoint}' (pickles can run code)")
+            return found
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -95,14 +128,21 @@ class TorchHubTeacher(Teacher):
                 )
         kwargs = {"pretrained": cfg.pretrained and not cfg.checkpoint, **cfg.hub_kwargs}
         try:
-            return torch.hub.load(
-                os.path.expanduser(cfg.repo) if cfg.source == "local" else cfg.repo,
-                cfg.model,
-                source=cfg.source,
-                trust_repo=cfg.trust_repo,
-                verbose=False,
-                **kwargs,
-            )
+            with _no_prompt():
+                return torch.hub.load(
+                    os.path.expanduser(cfg.repo) if cfg.source == "local" else cfg.repo,
+                    cfg.model,
+                    source=cfg.source,
+                    trust_repo=True if cfg.trust_repo else "check",
+                    verbose=False,
+                    **kwargs,
+                )
+        except _Untrusted:
+            raise KdforgeError(
+                f"[teacher] torch.hub does not trust the repository '{cfg.repo}' (its owner is not on torch.hub's "
+                "trusted list and it was not trusted on this machine before), so its hubconf.py was not run. If you "
+                "trust its code, set trust_repo = true in [teacher]."
+            ) from None
         except (OSError, RuntimeError, ValueError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             offline = (

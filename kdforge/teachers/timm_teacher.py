@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from kdforge.errors import KdforgeError
+from kdforge.ranges import ColourStd
 from kdforge.teachers import Teacher, TeacherOutput, patch_grid
 from kdforge.teachers.checkpoint import load_into, read_state_dict
 from kdforge.teachers.timm_utils import (
@@ -141,8 +142,14 @@ class TimmTeacher(TimmBackedTeacher):
         """Apply the final norm to the hidden outputs too (DINOv2's get_intermediate_layers default)."""
         mean: tuple[float, float, float] | None = None
         """RGB mean for input normalisation (default: the model's pretrained_cfg)."""
-        std: tuple[float, float, float] | None = None
+        std: ColourStd | None = None
         """RGB std for input normalisation (default: the model's pretrained_cfg)."""
+
+        def runs_code(self) -> list[str]:
+            """Settings that run code from outside kdforge (see kdforge.engine.runs.code_it_would_run)."""
+            if self.trust_pickle and self.checkpoint:
+                return [f"trust_pickle = true unpickles '{self.checkpoint}' (pickles can run code)"]
+            return []
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -36,11 +36,13 @@ def create_timm_model(name: str, *, pretrained: bool, kwargs: dict[str, Any], wh
         raise KdforgeError(f"[{where}] model = '{name}' is not a timm model: {hint}")
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as exc:
-        raise KdforgeError(f"[{where}] timm model '{name}' rejected model_kwargs {kwargs}: {exc}") from exc
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError, OverflowError) as exc:
+        raise KdforgeError(f"[{where}] timm model '{name}' rejected model_kwargs {kwargs}: "
+                           f"{type(exc).__name__}: {exc}") from exc
     except (OSError, RuntimeError) as exc:
-        if not pretrained:
-            raise
+        if not pretrained:  # no weights to fetch: the arguments built an impossible model (negative sizes ...)
+            raise KdforgeError(f"[{where}] timm model '{name}' could not be built with model_kwargs {kwargs}: "
+                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         raise KdforgeError(
             f"[{where}] could not load pretrained weights for timm model '{name}' ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}). Without network access, download the weights elsewhere "

@@ -130,3 +130,18 @@ def test_without_the_package_the_error_says_how_to_install_it(shards, monkeypatc
     monkeypatch.setitem(sys.modules, "webdataset", None)  # makes `import webdataset` raise ImportError
     with pytest.raises(DataError, match="pip install webdataset"):
         source(train_urls=pattern).build("train", None)
+
+
+def test_pipe_urls_run_only_when_the_recipe_allows_them():
+    from kdforge.data.shards import WebDatasetSource
+    from kdforge.errors import RecipeError
+    from kdforge.recipe.schema import build
+
+    pipe = "pipe:curl -s https://example.com/train-{000..003}.tar"
+    with pytest.raises(RecipeError, match="has pipe: URLs, which run shell commands: set allow_pipe = true"):
+        build(WebDatasetSource.Config, {"train_urls": pipe}, "data")
+    with pytest.raises(RecipeError, match="val_urls"):
+        build(WebDatasetSource.Config, {"train_urls": "/d/a.tar", "val_urls": "/d/b.tar::" + pipe}, "data")
+    cfg = build(WebDatasetSource.Config, {"train_urls": pipe, "allow_pipe": True}, "data")
+    assert cfg.runs_code() == [f"allow_pipe = true runs the shell commands of {pipe!r}"]
+    assert build(WebDatasetSource.Config, {"train_urls": "/d/a-{0..3}.tar"}, "data").runs_code() == []

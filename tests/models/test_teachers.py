@@ -315,3 +315,41 @@ def test_a_third_party_teacher_gets_the_frozen_contract_from_the_base_class():
     out = t(_images(2, 8))
     assert not t.training and out.patches.dtype == torch.float32 and not out.patches.is_inference()
     assert out.grid == (2, 2) == t.grid((8, 8))
+
+
+def test_torch_hub_keeps_its_own_trust_check_and_never_prompts(hub_dir, tmp_path, monkeypatch):
+    """trust_repo off (the default): a GitHub repository torch.hub does not trust is refused with the recipe key
+    that would trust it, without a question on stdin; one it trusts (here: already downloaded) loads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("torch.hub asked a question on stdin"))
+    table = {"plugin": "torch_hub", "repo": "someone/untrusted:main", "model": "dinov2_tiny", "pretrained": False,
+             "autocast": "none"}
+    with pytest.raises(KdforgeError, match=r"does not trust the repository 'someone/untrusted:main'.*"
+                                           r"set trust_repo = true in \[teacher\]"):
+        create("teachers", table, "teacher")
+    trusted = tmp_path / "torch" / "hub" / "trusted_list"
+    assert "someone" not in (trusted.read_text() if trusted.exists() else "")
+    # trust_repo = true skips the check: torch.hub goes on to download the repository (no network here)
+    with pytest.raises(KdforgeError) as exc:
+        create("teachers", {**table, "trust_repo": True}, "teacher")
+    assert "does not trust" not in str(exc.value) and "urlopen error" in str(exc.value)
+    # a repository torch.hub already trusts (downloaded before) loads with the default
+    import shutil
+
+    shutil.copytree(hub_dir, tmp_path / "torch" / "hub" / "someone_untrusted_main")
+    assert create("teachers", table, "teacher").embed_dim == 32
+
+
+def test_teacher_settings_that_run_outside_code_are_listed(hub_dir, tmp_path):
+    from kdforge.recipe.schema import build
+    from kdforge.teachers.hub import TorchHubTeacher
+    from kdforge.teachers.timm_teacher import TimmTeacher
+
+    hub = build(TorchHubTeacher.Config, {"repo": str(hub_dir), "source": "local"}, "teacher")
+    assert hub.runs_code() == [f"source = 'local' runs {hub_dir / 'hubconf.py'}"]
+    hub = build(TorchHubTeacher.Config, {"repo": "a/b", "trust_repo": True, "checkpoint": "w.pth",
+                                         "trust_pickle": True}, "teacher")
+    assert len(hub.runs_code()) == 2
+    assert build(TorchHubTeacher.Config, {"repo": "facebookresearch/dinov2"}, "teacher").runs_code() == []
+    timm_cfg = build(TimmTeacher.Config, {"checkpoint": "w.pth", "trust_pickle": True}, "teacher")
+    assert timm_cfg.runs_code() == ["trust_pickle = true unpickles 'w.pth' (pickles can run code)"]
