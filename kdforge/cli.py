@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(train)
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                        help="continue from CHECKPOINT (default: <output-dir>/last.pt)")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: accept a recipe whose schedule differs from the checkpoint's (optim.*, "
+                       "train.epochs, loss weights, data paths); the models and the data never may")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ev = sub.add_parser("eval", help="evaluate a run's student (and teacher) with the recipe's [eval] evaluators")
     ev.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding recipe.toml and last.pt")
@@ -37,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override the run's recipe, e.g. --set eval.features='mean_patch' (repeatable)")
     ev.add_argument("--no-teacher", action="store_true", help="evaluate the student only")
+    ev.add_argument("--trust-recipe", action="store_true",
+                    help="build the run's recipe even if it runs code from outside kdforge (a torch.hub repository, "
+                    "a pickled checkpoint, pipe: shell commands): only for run directories whose origin you trust")
     ev.add_argument("--out", metavar="PATH", help="JSON to write (default: RUN_DIR/eval_<checkpoint name>.json)")
     diagnose = sub.add_parser("diagnose", help="look into a run: training curves, attention")
     diagnostics = diagnose.add_subparsers(dest="diagnostic", required=True)
@@ -51,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--images", type=int, default=64, metavar="N", help="evaluation images to average over (64)")
     attn.add_argument("--out", metavar="PATH", help="image to write (default: RUN_DIR/attention.png; the JSON goes "
                       "beside it)")
+    attn.add_argument("--trust-recipe", action="store_true",
+                      help="build the run's recipe even if it runs code from outside kdforge (see kdforge eval -h)")
     plugins = sub.add_parser("plugins", help="list every registered component with its kind and origin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("info", help="versions, devices and which op backends are available here (and why not)")
@@ -64,22 +72,30 @@ def cmd_train(args) -> int:
     if args.dry_run:
         sys.stdout.write(dump_toml(recipe))
         return 0
+    if args.allow_changes and args.resume is None:
+        raise KdforgeError("--allow-changes only applies to --resume")
     run_dir = Path(args.output_dir or recipe.run.output_dir or Path("runs") / recipe.run.name)
-    if args.resume is None and (run_dir / "last.pt").exists():
-        raise KdforgeError(f"'{run_dir}' already holds a run (last.pt): add --resume to continue it, "
-                           "or pick another --output-dir")
 
-    from kdforge.engine.trainer import Preempted, Trainer
+    from kdforge.engine import signals
+    from kdforge.engine.trainer import Trainer
 
-    trainer = Trainer(recipe, run_dir, resume=args.resume, show_progress=not args.no_progress)
-    try:
-        summary = trainer.fit()
-    except Preempted as exc:
-        print(f"kdforge: {exc}; continue with: kdforge train {args.recipe} --resume --output-dir {run_dir}",
-              file=sys.stderr)
-        return 0
-    finally:
-        trainer.close()
+    # SIGTERM is a stop request from here on: building the Trainer can take long (a first-use teacher's training).
+    with signals.stop_on_sigterm():
+        try:
+            trainer = Trainer(recipe, run_dir, resume=args.resume, show_progress=not args.no_progress,
+                              allow_changes=args.allow_changes)
+        except signals.Preempted as exc:
+            print(f"kdforge: {exc} (before the run started: nothing was written)", file=sys.stderr)
+            return 0
+        try:
+            summary = trainer.fit()
+        except signals.Preempted as exc:
+            again = "--resume " if trainer.step > 0 else ""
+            print(f"kdforge: {exc}; continue with: kdforge train {args.recipe} {again}--output-dir {run_dir}",
+                  file=sys.stderr)
+            return 0
+        finally:
+            trainer.close()
     if trainer.dist.is_main:
         shown = {k: v for k, v in summary.items() if k not in ("skipped_files", "final_metrics")}
         print(json.dumps(shown, indent=2))
@@ -95,7 +111,9 @@ def cmd_eval(args) -> int:
     from kdforge.eval import evaluate_encoders, pooled
     from kdforge.plugins import get_registry
 
-    student, recipe = load_run_student(args.run_dir, args.checkpoint, args.overrides)
+    builds = ["student", "eval.data"] + ([] if args.no_teacher else ["teacher"])
+    student, recipe = load_run_student(args.run_dir, args.checkpoint, args.overrides, builds=builds,
+                                       trust=args.trust_recipe)
     r = recipe.eval
     if not r.evaluators or not r.data:
         raise KdforgeError(
@@ -127,7 +145,8 @@ def diagnose_attention(args) -> str:
 
     if args.images < 1:
         raise KdforgeError(f"--images must be >= 1, got {args.images}")
-    json_path, image = analyse_run(args.run_dir, checkpoint=args.checkpoint, num_images=args.images, out=args.out)
+    json_path, image = analyse_run(args.run_dir, checkpoint=args.checkpoint, num_images=args.images, out=args.out,
+                                   trust=args.trust_recipe)
     return f"attention: {image} and {json_path}"
 
 

@@ -35,3 +35,12 @@ class TrainingDiverged(KdforgeError):
 
 class MetricsError(KdforgeError):
     """A run's metrics.jsonl is missing, or holds nothing to read yet."""
+
+
+class CheckpointError(KdforgeError):
+    """A checkpoint is missing, damaged, refused (it holds objects that could run code) or does not fit the run."""
+
+
+class RunDirectoryError(KdforgeError):
+    """The run directory cannot be used: a file is in the way, it is not writable, another run holds it, or it
+    holds an earlier run's files."""

@@ -164,18 +164,20 @@ def plot_report(report: AttentionReport, out: str | Path, title: str = "") -> Pa
 
 
 def analyse_run(
-    run_dir: str | Path, *, checkpoint: str | Path | None = None, num_images: int = 64, out: str | Path | None = None
+    run_dir: str | Path, *, checkpoint: str | Path | None = None, num_images: int = 64, out: str | Path | None = None,
+    trust: bool = False,
 ) -> tuple[Path, Path]:
     """Attention diagnostics of a run's student on ``num_images`` evaluation images (the recipe's eval.data, else
     its data, with the evaluation transform): writes attention.json and the plot (default RUN_DIR/attention.png).
-    Returns (json path, image path)."""
+    Returns (json path, image path). ``trust``: build the run's recipe even if it runs code from outside kdforge
+    (see :func:`kdforge.engine.runs.read_run`)."""
     from kdforge.data import collate
     from kdforge.data.transforms import build_transform
     from kdforge.plugins import get_registry
 
     from kdforge.engine.runs import load_run_student
 
-    student, recipe = load_run_student(run_dir, checkpoint)
+    student, recipe = load_run_student(run_dir, checkpoint, builds=("student", "eval.data", "data"), trust=trust)
     table, where = (recipe.eval.data, "eval.data") if recipe.eval.data else (recipe.data, "data")
     source = get_registry().create("data_sources", table, where)
     dataset = source.build("val" if recipe.eval.data else "train", build_transform(recipe.augment, train=False))

@@ -4,6 +4,12 @@ One teacher forward per batch is shared by every loss, and teacher and student s
 student's copy may have masked patches). Checkpoints are atomic and a resumed run continues exactly: model,
 optimizer, schedule, grad scaler, RNG state and data position are restored, and augmentation and masks are
 seeded per (epoch, item) and per step, so they do not depend on how the run was split.
+
+Nothing is written before the run is known to start: building the Trainer checks the run directory, reads and
+compares the checkpoint to resume from, builds the data (training and evaluation), the models and the losses, and
+runs one forward pass; ``fit`` then locks the directory and writes. SIGTERM (inside
+:func:`kdforge.engine.signals.stop_on_sigterm`, which ``fit`` enters) stops at the next safe point with a
+checkpoint, or, before there is any training state, leaves the directory as it was found.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import dataclasses
 import itertools
 import json
 import math
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -25,15 +30,15 @@ from tqdm.auto import tqdm
 
 from kdforge.data import collate
 from kdforge.engine import checkpoint as ckpt
+from kdforge.engine import runs, signals
 from kdforge.engine.distributed import DistInfo, all_reduce_flag, barrier, init_distributed
-from kdforge.errors import KdforgeError, RecipeError, TrainingDiverged
-from kdforge.eval import evaluate_encoders, pooled
+from kdforge.engine.signals import Preempted
+from kdforge.errors import CheckpointError, DataError, KdforgeError, RecipeError, ShapeError, TrainingDiverged
+from kdforge.eval import build_eval_sets, evaluate_encoders, pooled
 from kdforge.plugins import get_registry
-from kdforge.recipe import Recipe, dump_toml, to_dict
+from kdforge.recipe import LOSS_TABLE_KEYS, Recipe, dump_toml, to_dict
 
-
-class Preempted(Exception):
-    """SIGTERM arrived: a checkpoint was written and the run stops cleanly (exit code 0)."""
+__all__ = ["DistillModule", "EpochSampler", "Preempted", "SeededItems", "Trainer", "cosine_lr"]
 
 
 class DistillModule(nn.Module):
@@ -124,7 +129,11 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> 
 class Trainer:
     """Builds everything a recipe describes, then ``fit()`` trains, evaluates and writes summary.json."""
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path, *, resume: str | None = None, show_progress: bool = True):
+    def __init__(self, recipe: Recipe, run_dir: str | Path, *, resume: str | None = None, show_progress: bool = True,
+                 allow_changes: bool = False):
+        """``resume``: a checkpoint path, or "auto" for <run_dir>/last.pt. ``allow_changes``: a resume may change
+        the schedule (optim.*, train.epochs ...; never the models or the data), see
+        :func:`kdforge.engine.runs.check_resume`."""
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.show_progress = show_progress
@@ -135,7 +144,16 @@ class Trainer:
         self.device = self.dist.device
         registry = get_registry()
 
-        self.resume_path = self._find_resume(resume)
+        # The checkpoint and the directory first: both are quick to check and must fail before anything is built.
+        self.resume_path = (self.run_dir / "last.pt" if resume in ("auto", "") else Path(resume)) if resume else None
+        self._resume_state: dict[str, Any] | None = None
+        self.resume_changes: list[str] = []
+        if self.resume_path is not None:
+            self._resume_state = ckpt.load_run(self.resume_path)
+            self.resume_changes = runs.check_resume(self._resume_state, r, path=self.resume_path,
+                                                    world_size=self.dist.world_size, allow_changes=allow_changes)
+        if self.dist.is_main:
+            runs.check_run_dir(self.run_dir, fresh=self.resume_path is None)
 
         # Data first: a missing data root is the most common mistake and must fail before any model is built.
         from kdforge.data.transforms import build_transform
@@ -162,8 +180,8 @@ class Trainer:
 
         losses, weights = {}, {}
         for label, table in r.losses.items():
-            table = dict(table)
-            weights[label] = float(table.pop("weight", 1.0))
+            table = {k: v for k, v in table.items() if k not in LOSS_TABLE_KEYS}
+            weights[label] = float(r.losses[label].get("weight", 1.0))
             losses[label] = registry.create(
                 "losses", table, f"losses.{label}",
                 student_dim=self.student.embed_dim, teacher_dim=self.teacher.embed_dim,
@@ -183,7 +201,13 @@ class Trainer:
         self.model = DistillModule(self.student, losses, weights).to(self.device)
 
         self.batches_per_epoch = per_rank // r.train.batch_size
-        self.steps_per_epoch = max(1, self.batches_per_epoch // r.train.accum_steps)
+        if self.batches_per_epoch < r.train.accum_steps:
+            raise RecipeError(
+                f"train.accum_steps = {r.train.accum_steps} micro-batches per step, but an epoch has only "
+                f"{self.batches_per_epoch} batches of {r.train.batch_size} per process: no step would ever be taken; "
+                "lower train.accum_steps or train.batch_size, or add data"
+            )
+        self.steps_per_epoch = self.batches_per_epoch // r.train.accum_steps
         self.total_steps = self.steps_per_epoch * r.train.epochs
         self.global_batch = r.train.batch_size * r.train.accum_steps * self.dist.world_size
         self.peak_lr = r.optim.lr * self.global_batch / r.optim.lr_scale_batch
@@ -209,19 +233,69 @@ class Trainer:
         self.batch_in_epoch = 0
         self.results: dict[str, Any] = {}
         self.last_metrics: dict[str, float] = {}
-        self._stop = False
+        self.checkpoint_step = 0  # the step of the last checkpoint written (or resumed from); 0: none yet
         self._loggers: list = []
-        self._skips = None
+        from kdforge.data.skips import SkipCounter
+
+        self._skips = SkipCounter(max_bad_fraction=r.train.max_bad_fraction)
+        # The evaluation data is built once, now: a wrong eval.data path must fail before the run writes anything.
+        self.eval_sets = build_eval_sets(r.eval, r.augment) if r.eval.evaluators else None
+        if self._resume_state is not None:
+            self._load_training_state(self._resume_state)
+        self._first_forward(self._first_images())
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _find_resume(self, resume: str | None) -> Path | None:
-        if resume is None:
-            return None
-        path = self.run_dir / "last.pt" if resume in ("auto", "") else Path(resume)
-        if not path.is_file():
-            raise KdforgeError(f"--resume: no checkpoint at '{path}' (a run writes <output-dir>/last.pt; "
-                               "pass --resume PATH or drop --resume to start fresh)")
-        return path
+    def _first_images(self, count: int = 2) -> torch.Tensor:
+        """``count`` images of the training data's first batch, read with the RNG states put back and nothing
+        counted: data of which not one image can be read fails here, listing the files, before anything is
+        written (a few bad files are the SkipCounter's business during training)."""
+        n = self.recipe.train.batch_size
+        with torch.random.fork_rng(devices=[]):
+            if self.streaming:
+                items = list(itertools.islice(iter(self.dataset), n))
+            else:
+                items = [self.dataset[i] for i in range(min(n, len(self.dataset)))]
+        batch = collate(items)
+        if len(batch["image"]) == 0:
+            listing = "\n".join(f"  {path}: {reason}" for path, reason in batch["skipped"][:20])
+            raise DataError(f"none of the first {len(items)} training images could be read:\n{listing}\nCheck that "
+                            "[data] points at the data set you meant (root, urls) and that its files are images.")
+        return batch["image"][:count]
+
+    def _first_forward(self, images: torch.Tensor) -> None:
+        """Teacher, student and losses once on a few training ``images``, in eval mode, without gradients and with
+        the RNG states put back: models, heads and losses that do not fit together fail here with a
+        :class:`ShapeError`, before the run directory is touched, not at the first training step."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        was_training = self.model.training
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            self.model.eval()
+            try:
+                images = images.to(self.device)
+                b = images.shape[0]
+                mask = None
+                if self.masker is not None:
+                    mask = self.masker(b, self.grid, torch.Generator().manual_seed(0))
+                    mask[0, : max(1, mask.shape[1] // 2)] = True  # the masked path runs whatever the masker drew
+                    mask = mask.to(self.device)
+                batch = {"image": images, "label": torch.full((b,), -1), "index": torch.arange(b), "skipped": []}
+                with self._autocast():
+                    self.model(images, mask, self._teacher_forward(images), batch)
+            except KdforgeError:
+                raise
+            except (RuntimeError, ValueError, IndexError, AssertionError, TypeError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise ShapeError(
+                    f"the first forward pass failed before training started ({type(exc).__name__}: {first}): check "
+                    "that [teacher], [student], [masker] and the losses fit together (widths, patch sizes, "
+                    "augment.image_size)"
+                ) from exc
+            finally:
+                self.model.train(was_training)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
 
     def _loader(self) -> Iterator[dict]:
         """This epoch's batches from the current position (``self.epoch``, ``self.batch_in_epoch``)."""
@@ -235,50 +309,81 @@ class Trainer:
             # Shards cannot seek: a resumed epoch re-reads and drops the batches already trained on.
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
-            loader = torch.utils.data.DataLoader(self.dataset, **common)
+            loader = signals.DataLoader(self.dataset, **common)
             return itertools.islice(loader, self.batch_in_epoch, self.batches_per_epoch)
         self.sampler.set_position(self.epoch, self.batch_in_epoch * r.batch_size)
-        return iter(torch.utils.data.DataLoader(SeededItems(self.dataset, self.recipe.run.seed),
-                                                sampler=self.sampler, **common))
+        return iter(signals.DataLoader(SeededItems(self.dataset, self.recipe.run.seed), sampler=self.sampler, **common))
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
-        """Train (resuming if asked), evaluate, write curves.png and summary.json; returns the summary."""
-        from kdforge.data.skips import SkipCounter
-
+        """Lock the run directory, train (resuming if asked), evaluate, write curves.png and summary.json; returns
+        the summary. SIGTERM stops at the next safe point and raises :class:`Preempted` after writing a checkpoint
+        (or, with no training state yet, after removing what this attempt wrote)."""
         r = self.recipe
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            (self.run_dir / "recipe.toml").write_text(dump_toml(r))
-        self._skips = SkipCounter(max_bad_fraction=r.train.max_bad_fraction)
-        if self.resume_path is not None:
-            self._load(self.resume_path)
-        if self.dist.is_main:
-            registry = get_registry()
-            self._loggers = [registry.create("loggers", {"plugin": n}, f"loggers.{n}", run_dir=self.run_dir)
-                             for n in ("jsonl", "tensorboard")]
-        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        t_start = time.time()
-        try:
-            if self.resume_path is None:
-                self._evaluate("before")
-            self._train_loop()
-            if self.step > 0:
-                self.save()
-            self._evaluate("after")
-            self._write_curves()
-        except Preempted:
-            self._write_curves()
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, old_handler)
-            for lg in self._loggers:
-                lg.close()
-        summary = self._summary(time.time() - t_start)
-        return summary
+        lock = runs.RunLock(self.run_dir) if self.dist.is_main else None
+        with signals.stop_on_sigterm():
+            if lock is not None:
+                lock.acquire()
+                ckpt.remove_stale_temporaries(self.run_dir)  # a writer killed mid-checkpoint leaves one
+                with ckpt.atomic_path(self.run_dir / "recipe.toml") as tmp:
+                    tmp.write_text(dump_toml(r))
+            barrier(self.dist)
+            t_start = time.time()
+            try:
+                if self._resume_state is not None:
+                    ckpt.set_rng_state(self._resume_state["rng"])  # last: building the run drew from the RNGs
+                    self._resume_state = None
+                if self.dist.is_main:
+                    registry = get_registry()
+                    self._loggers = [registry.create("loggers", {"plugin": n}, f"loggers.{n}", run_dir=self.run_dir)
+                                     for n in ("jsonl", "tensorboard")]
+                for change in self.resume_changes:
+                    warnings.warn(f"resumed with a changed recipe (--allow-changes): {change}", stacklevel=2)
+                try:
+                    if self.resume_path is None:
+                        self._evaluate("before")
+                    self._train_loop()
+                    if self.step > 0:
+                        self.save()
+                    self._evaluate("after")
+                    self._write_curves()
+                except Preempted as exc:
+                    self._on_preempted(exc)
+            finally:
+                for lg in self._loggers:
+                    lg.close()
+                self._loggers = []
+                if lock is not None:
+                    lock.release()
+        return self._summary(time.time() - t_start)
 
-    def _on_sigterm(self, signum, frame):
-        self._stop = True
+    def _on_preempted(self, exc: Preempted) -> None:
+        """Checkpoint the training state (if any), then re-raise saying where it went."""
+        if self.step > 0:
+            self.save()
+            self._write_curves()
+            raise Preempted(f"{exc}: checkpoint of step {self.step} written to {self.run_dir / 'last.pt'}") from None
+        if self.dist.is_main:
+            self._remove_attempt()
+        raise Preempted(f"{exc}, before the first training step: nothing to resume, the run directory was left as "
+                        "it was found; run the same command again") from None
+
+    def _remove_attempt(self) -> None:
+        """Remove what a fresh run wrote before its first step (only a fresh run gets here: a resumed one has
+        steps), so that the same command can start again."""
+        import shutil
+
+        for lg in self._loggers:
+            lg.close()
+        self._loggers = []
+        for name in (*runs.RUN_FILES, runs.LOCK_FILE):
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.run_dir.rmdir()  # only if empty: never remove what the user put there
 
     def _write_curves(self) -> None:
         """<run_dir>/curves.png from metrics.jsonl, on rank 0. A failure to plot warns and never ends the run."""
@@ -298,40 +403,53 @@ class Trainer:
         bar = tqdm(total=last_step, initial=self.step, desc="distil", unit="step", dynamic_ncols=True,
                    disable=not (self.show_progress and self.dist.is_main))
         window_t, window_imgs = time.perf_counter(), 0
-        while self.step < last_step:
-            micro: list[dict] = []
-            for batch in self._loader():
-                self._skips.add_batch(batch)
-                micro.append(batch)
-                self.batch_in_epoch += 1
-                epoch_done = self.batch_in_epoch >= self.batches_per_epoch
-                if len(micro) < r.train.accum_steps:
-                    if epoch_done:  # a partial accumulation group at the end of an epoch is dropped
+        try:
+            while self.step < last_step:
+                micro: list[dict] = []
+                seen = readable = 0
+                for batch in self._loader():
+                    self._skips.add_batch(batch)  # raises DataError once too many images were unreadable
+                    seen += 1
+                    readable += len(batch["image"]) > 0
+                    self.batch_in_epoch += 1
+                    epoch_done = self.batch_in_epoch >= self.batches_per_epoch
+                    # A batch whose every image was unreadable is counted above and trains nothing; under DDP every
+                    # process must still take part in the step (forward_backward stands in a zero-weight image).
+                    if len(batch["image"]) or self.dist.enabled:
+                        micro.append(batch)
+                    if len(micro) < r.train.accum_steps:
+                        if epoch_done:  # a partial accumulation group at the end of an epoch is dropped
+                            self._end_epoch(last_step)
+                        continue
+                    metrics = self.train_step(micro)
+                    self.last_metrics = metrics
+                    window_imgs += sum(b["image"].shape[0] for b in micro) * self.dist.world_size
+                    micro = []
+                    bar.update(1)
+                    if epoch_done:  # before the checkpoint, so that a resume starts the next epoch
                         self._end_epoch(last_step)
-                    continue
-                metrics = self.train_step(micro)
-                self.last_metrics = metrics
-                window_imgs += sum(b["image"].shape[0] for b in micro) * self.dist.world_size
-                micro = []
-                bar.update(1)
-                if epoch_done:  # before the checkpoint, so that a resume starts the next epoch
-                    self._end_epoch(last_step)
-                if self.step % r.train.log_every == 0 or self.step == last_step:
-                    dt = time.perf_counter() - window_t
-                    metrics["img_per_s"] = window_imgs / dt if dt > 0 else 0.0
-                    metrics["epoch"] = self.epoch + self.batch_in_epoch / max(1, self.batches_per_epoch)
-                    self._log(metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-                    window_t, window_imgs = time.perf_counter(), 0
-                if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
-                    self.save()
-                if all_reduce_flag(self._stop, self.dist):
-                    self.save()
-                    bar.close()
-                    raise Preempted(f"SIGTERM at step {self.step}: checkpoint written to {self.run_dir / 'last.pt'}")
-                if self.step >= last_step or epoch_done:
-                    break
-        bar.close()
+                    if self.step % r.train.log_every == 0 or self.step == last_step:
+                        dt = time.perf_counter() - window_t
+                        metrics["img_per_s"] = window_imgs / dt if dt > 0 else 0.0
+                        metrics["epoch"] = self.epoch + self.batch_in_epoch / max(1, self.batches_per_epoch)
+                        self._log(metrics)
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+                        window_t, window_imgs = time.perf_counter(), 0
+                    if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
+                        self.save()
+                    if all_reduce_flag(signals.requested(), self.dist):
+                        raise Preempted(f"SIGTERM at step {self.step}")
+                    if self.step >= last_step or epoch_done:
+                        break
+                if not seen:
+                    raise DataError(f"epoch {self.epoch} yielded no batch at all (expected {self.batches_per_epoch}): "
+                                    "for sharded data, check that data.length matches the shards")
+                if not readable:  # a pass without one readable image would repeat forever
+                    self._skips.check()
+                    raise DataError(f"epoch {self.epoch} gave no batch with a readable image; the unreadable files:\n"
+                                    f"{self._skips.summary()}")
+        finally:
+            bar.close()
         self._skips.check()
 
     def _end_epoch(self, last_step: int) -> None:
@@ -370,37 +488,54 @@ class Trainer:
             metrics["grad_norm"] = grad_norm
         return metrics
 
-    def forward_backward(self, batch: dict, *, micro_index: int = 0, scale: float = 1.0) -> tuple[float, dict]:
-        images = batch["image"].to(self.device, non_blocking=True)
+    def _teacher_forward(self, images: torch.Tensor):
         teacher_out = self.teacher(images)  # frozen: eval mode, inference mode and autocast live in the teacher
         if self.teacher_grid != tuple(self.grid):  # train.resize_teacher_grid (checked at start-up): once per batch
             from kdforge.students import resize_patches
 
             teacher_out = dataclasses.replace(
                 teacher_out, patches=resize_patches(teacher_out.patches, self.teacher_grid, self.grid), grid=self.grid)
+        return teacher_out
+
+    def forward_backward(self, batch: dict, *, micro_index: int = 0, scale: float = 1.0) -> tuple[float, dict]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        stand_in = images.shape[0] == 0  # DDP only: this process's batch was all unreadable images
+        if stand_in:
+            size = self.recipe.augment.image_size
+            images, scale = torch.zeros(1, 3, size, size, device=self.device), 0.0
+            batch = dict(batch, image=images, label=torch.full((1,), -1), index=torch.zeros(1, dtype=torch.long))
+        teacher_out = self._teacher_forward(images)
         mask = None
         if self.masker is not None:
             g = torch.Generator().manual_seed(
                 (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63))
             mask = self.masker(images.shape[0], self.grid, g).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with self._autocast():
             loss, terms = self.forward_model(images, mask, teacher_out, batch)
         if not bool(torch.isfinite(loss)):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at step {self.step + 1} (terms: {detail}); the last good checkpoint "
-                f"is {self.run_dir / 'last.pt'}: lower optim.lr, raise optim.warmup_epochs or set optim.clip_grad, "
-                "then --resume"
-            )
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1} (terms: {detail}); "
+                                   f"{self._last_good_checkpoint()}")
         self.scaler.scale(loss * scale).backward()
+        if stand_in:
+            return 0.0, {k: 0.0 for k in terms}
         return float(loss.detach()), {k: float(v) for k, v in terms.items()}
+
+    def _last_good_checkpoint(self) -> str:
+        """What a divergence message says about where to go back to: a checkpoint only if one exists."""
+        fix = "lower optim.lr, raise optim.warmup_epochs or set optim.clip_grad"
+        last = self.run_dir / "last.pt"
+        if self.checkpoint_step and last.is_file():
+            return f"the last good checkpoint is {last} (step {self.checkpoint_step}): {fix}, then --resume"
+        return (f"no checkpoint was written before it (train.checkpoint_every = {self.recipe.train.checkpoint_every}): "
+                f"{fix}, then start again in a new --output-dir (or after removing '{self.run_dir}')")
 
     # ----------------------------------------------------------------------------------------------- eval
     def _evaluate(self, when: str) -> None:
         r = self.recipe.eval
         if not r.evaluators or (when == "before" and not r.before) or (when == "after" and not r.after):
             return
+        stopped = False
         if self.dist.is_main:
             encoders = {"student": self._student_features}
             if r.teacher and not any(k.startswith("teacher_") for k in self.results):
@@ -408,35 +543,47 @@ class Trainer:
             was_training = self.student.training
             self.student.eval()
             try:
-                results = evaluate_encoders(encoders, r, self.recipe.augment, device=self.device)
+                results = evaluate_encoders(encoders, r, self.recipe.augment, device=self.device, sets=self.eval_sets)
+            except Preempted:
+                stopped, results = True, {}
             finally:
                 self.student.train(was_training)
             for who, metrics in results.items():
                 for k, v in metrics.items():
                     self.results[f"teacher_{k}" if who == "teacher" else f"student_{k}_{when}"] = v
-            self._log({k: v for k, v in self.results.items() if isinstance(v, float)})
-        barrier(self.dist)
+            if results:
+                self._log({k: v for k, v in self.results.items() if isinstance(v, float)})
+        # Every process learns whether rank 0's evaluation was stopped (this is also the wait for it to end).
+        if all_reduce_flag(stopped, self.dist):
+            raise Preempted(f"SIGTERM during the {when} evaluation")
 
     def _student_features(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with self._autocast():
             return pooled(self.student(images), self.recipe.eval.features).float()
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The whole training state as tensors and plain data (what :func:`kdforge.engine.checkpoint.load` reads
+        back with weights_only)."""
         return {
+            "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.dist.world_size,
             "rng": ckpt.rng_state(),
             "results": dict(self.results),
-            "skips": self._skips.state_dict() if self._skips is not None else None,
+            "skips": self._skips.state_dict(),
             "recipe": to_dict(self.recipe),
         }
 
     def save(self) -> None:
-        """Write last.pt (and step_<n>.pt, pruned to keep_checkpoints) atomically, from rank 0."""
+        """Write last.pt (and step_<n>.pt, pruned to keep_checkpoints) atomically, from rank 0.
+
+        A state that is not finite is never written: it would replace the last good checkpoint with a diverged one
+        (every process checks its identical copy, so all of them stop)."""
+        self._check_finite()
         if not self.dist.is_main:
             barrier(self.dist)
             return
@@ -448,18 +595,41 @@ class Trainer:
             old = sorted(self.run_dir.glob("step_*.pt"))[:-keep]
             for p in old:
                 p.unlink(missing_ok=True)
+        self.checkpoint_step = self.step
         barrier(self.dist)
 
-    def _load(self, path: Path) -> None:
-        state = ckpt.load(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+    def _check_finite(self) -> None:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        for i, slots in self.optimizer.state.items():
+            tensors.update({f"optimizer.{i}.{k}": v for k, v in slots.items()
+                            if isinstance(v, torch.Tensor) and v.is_floating_point()})
+        if not tensors:
+            return
+        finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()]).cpu()  # one sync
+        if bool(finite.all()):
+            return
+        bad = [k for k, ok in zip(tensors, finite.tolist()) if not ok]
+        raise TrainingDiverged(
+            f"the training state is not finite at step {self.step} ({', '.join(bad[:4])}"
+            f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}), so it was not saved; "
+            f"{self._last_good_checkpoint()}"
+        )
+
+    def _load_training_state(self, state: dict[str, Any]) -> None:
+        """Everything but the RNG states (restored when training starts) from a checkpoint checked by
+        :func:`kdforge.engine.runs.check_resume`."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"'{self.resume_path}' does not fit the recipe's models ({first})") from None
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.checkpoint_step = self.step
         self.results = dict(state.get("results", {}))
         if state.get("skips") is not None:
             self._skips.load_state_dict(state["skips"])
-        ckpt.set_rng_state(state["rng"])
 
     def _log(self, metrics: dict[str, float]) -> None:
         for lg in self._loggers:
@@ -479,9 +649,8 @@ class Trainer:
             **self.results,
         }
         if self.dist.is_main:
-            tmp = self.run_dir / ".summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            tmp.replace(self.run_dir / "summary.json")
+            with ckpt.atomic_path(self.run_dir / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2))
         return summary
 
     def close(self) -> None:

@@ -67,23 +67,31 @@ def pooled(out: Any, how: str) -> torch.Tensor:
     return out.cls if how == "cls" else out.patches.mean(dim=1)
 
 
+def build_eval_sets(eval_cfg: Any, augment: Any) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """(train set, test set) of a recipe's ``eval.data`` (``eval_cfg``: its EvalConfig) with the evaluation
+    transform of ``augment`` (the recipe's TransformConfig): the kNN bank / probe train set and the test set."""
+    from kdforge.data.transforms import build_transform
+    from kdforge.plugins import get_registry
+
+    source = get_registry().create("data_sources", eval_cfg.data, "eval.data")
+    transform = build_transform(augment, train=False)
+    return source.build("train", transform), source.build("val", transform)
+
+
 def evaluate_encoders(
     encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     eval_cfg: Any,
     augment: Any,
     *,
     device: torch.device,
+    sets: tuple[torch.utils.data.Dataset, torch.utils.data.Dataset] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Every evaluator of a recipe's ``[eval]`` (``eval_cfg``: its EvalConfig) on every encoder, by name:
-    ``{name: {metric: value}}``. The evaluation data (``eval.data``: train split = bank / probe train set, val =
-    test set) is built once with the evaluation transform of ``augment`` (the recipe's TransformConfig)."""
-    from kdforge.data.transforms import build_transform
+    ``{name: {metric: value}}``, on ``sets`` (default: :func:`build_eval_sets`, built once for all encoders)."""
     from kdforge.plugins import get_registry
 
     registry = get_registry()
-    source = registry.create("data_sources", eval_cfg.data, "eval.data")
-    transform = build_transform(augment, train=False)
-    train_set, test_set = source.build("train", transform), source.build("val", transform)
+    train_set, test_set = sets if sets is not None else build_eval_sets(eval_cfg, augment)
     results: dict[str, dict[str, float]] = {}
     for who, encoder in encoders.items():
         results[who] = {}

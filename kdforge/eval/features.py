@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from kdforge.data import collate
+from kdforge.engine import signals
 from kdforge.errors import ShapeError
 
 __all__ = ["extract_features"]
@@ -34,7 +35,7 @@ def extract_features(
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(
+    loader = signals.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
@@ -53,6 +54,7 @@ def extract_features(
         with torch.inference_mode():
             bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not sys.stderr.isatty())
             for batch in bar:
+                signals.check("evaluation")
                 skipped += len(batch["skipped"])
                 if len(batch["label"]) == 0:
                     continue

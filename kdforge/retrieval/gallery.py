@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kdforge.data import Skipped, collate
+from kdforge.engine import signals
 from kdforge.engine.checkpoint import atomic_path
 from kdforge.errors import KdforgeError, ShapeError
 
@@ -79,7 +80,7 @@ def embed_gallery(
     if module is not None:
         module.eval()
     cursor = state["done"]
-    loader = torch.utils.data.DataLoader(
+    loader = signals.DataLoader(
         _Positioned(dataset, cursor),
         batch_size=batch_size,
         num_workers=num_workers,

@@ -22,14 +22,16 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdforge.engine import signals
 from kdforge.engine.checkpoint import atomic_path
 from kdforge.errors import DataError, KdforgeError, ShapeError
+from kdforge.ranges import ImageSide, NonNegativeFloat, PositiveInt, Range, Seed
 from kdforge.teachers import Teacher
 from kdforge.teachers.timm_teacher import TimmBackedTeacher
 from kdforge.teachers.timm_utils import create_timm_model, model_mean_std
@@ -127,27 +129,27 @@ class EmbeddedTeacher(TimmBackedTeacher):
         """Keyword arguments for timm.create_model (img_size comes from image_size, num_classes from the data)."""
         stem: Literal["conv", "patch"] = "conv"
         """Patch embedding: a small CNN with the patch size as its stride (learns fast), or ViT's single patchify conv."""
-        stem_width: int = 16
+        stem_width: Annotated[int, Range(ge=1, le=1024)] = 16
         """Channels of the conv stem's first stage (doubling per stage)."""
         data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"plugin": "procedural"})
         """Recipe table of the labelled data source it learns (train split to train, val split to measure)."""
-        image_size: int = 32
+        image_size: ImageSide = 32
         """Side of the training images, in pixels; the teacher expects images of this size."""
-        epochs: int = 4
+        epochs: PositiveInt = 4
         """Training epochs over the train split."""
-        batch_size: int = 128
+        batch_size: PositiveInt = 128
         """Training batch size."""
-        lr: float = 5e-3
+        lr: Annotated[float, Range(gt=0, le=1)] = 5e-3
         """Peak AdamW learning rate (linear warm-up, then cosine to 1% of it)."""
-        warmup_epochs: float = 0.8
+        warmup_epochs: NonNegativeFloat = 0.8
         """Epochs of linear learning-rate warm-up."""
-        weight_decay: float = 1e-4
+        weight_decay: Annotated[float, Range(ge=0, le=1)] = 1e-4
         """AdamW weight decay (not applied to norms, biases, tokens and position embeddings)."""
         label_smoothing: float = 0.0
         """Label smoothing of the cross-entropy loss."""
         augment: bool = True
         """Light augmentation of the training batches: horizontal flip and a random shift of up to 1/16 of the side."""
-        seed: int = 0
+        seed: Seed = 0
         """Seed of initialisation, batch order and augmentation."""
         cache_dir: str = ""
         """Where trained teachers are kept (empty: $KDFORGE_CACHE, else ~/.cache/kdforge)."""
@@ -404,6 +406,7 @@ def train_classifier(
             order = torch.randperm(n, generator=g)
             correct, counted = 0, 0
             for i in range(steps_per_epoch):
+                signals.check(f"the first-use training of the embedded teacher ({cfg.model})")
                 idx = order[i * batch : (i + 1) * batch]
                 x = train_x[idx].to(device, non_blocking=True).float().div_(255)
                 y = train_y[idx].to(device, non_blocking=True)

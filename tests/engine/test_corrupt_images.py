@@ -55,3 +55,46 @@ def test_too_many_corrupt_images_fail_with_the_list(tmp_path):
     assert res.returncode == 2
     assert any(Path(b).name in res.stderr for b in bad)
     assert "max_bad_fraction" in res.stderr
+
+
+def test_a_batch_of_only_unreadable_images_is_skipped_and_counted(tmp_path):
+    # batch_size 1: each bad file is a batch with no readable image, well within max_bad_fraction
+    bad = make_folder(tmp_path / "imgs", good=40, bad=2)
+    res = train(tmp_path / "imgs", tmp_path / "out", "--set", "train.batch_size=1", "--set", "train.max_bad_fraction=0.1",
+                "--set", "train.checkpoint_every=0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == summary["total_steps"] == 42  # the schedule's steps all taken, on readable images
+    assert summary["skipped_images"] >= 2
+    listed = {entry[0] for entry in summary["skipped_files"]}
+    assert listed == set(bad)
+
+
+def test_a_wholly_unreadable_data_set_exits_2_with_the_list_and_writes_nothing(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    bad = [tmp_path / "imgs" / f"img_{i}.png" for i in range(9)]
+    for i, p in enumerate(bad):
+        p.write_bytes(b"" if i % 2 else np.random.default_rng(i).bytes(300))
+    res = train(tmp_path / "imgs", tmp_path / "out")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "could be read" in res.stderr and all(Path(b).name in res.stderr for b in bad[:8])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_epoch_stops_instead_of_looping(tmp_path):
+    """Every image of an epoch unreadable (the first batch read fine at start-up, then the files went bad):
+    with max_bad_fraction = 1 nothing else would stop the run."""
+    from kdforge.engine.trainer import Trainer
+    from kdforge.errors import DataError
+    from kdforge.recipe import load_recipe
+
+    make_folder(tmp_path / "imgs", good=16, bad=0)
+    recipe = load_recipe(TINY, overrides=[f"data={{plugin = 'image_folder', root = '{tmp_path / 'imgs'}'}}",
+                                          "train.max_bad_fraction=1.0", "eval.before=false"])
+    trainer = Trainer(recipe, tmp_path / "out", show_progress=False)
+    for p in (tmp_path / "imgs").iterdir():
+        p.write_bytes(b"")
+    import pytest
+
+    with pytest.raises(DataError, match="gave no batch with a readable image"):
+        trainer.fit()

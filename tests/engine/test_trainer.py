@@ -21,17 +21,19 @@ CRASH = Path(__file__).resolve().parent / "crash"
 
 
 def run_cli(*args, env_extra=None, check=True):
+    """``kdforge train TINY ARGS`` with the crash hooks of tests/engine/crash (``env_extra``), in a process group of
+    its own (a SIGTERM to the group reaches it and its DataLoader workers only)."""
     env = {**os.environ, **(env_extra or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(CRASH), env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-m", "kdforge.cli", "train", str(TINY), "--no-progress", *map(str, args)],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=env, start_new_session=True)
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
     return res
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load(run_dir / "last.pt")["model"]
+    return ckpt.load_run(run_dir / "last.pt")["model"]
 
 
 def assert_same_weights(a: dict, b: dict, exact=True):
@@ -63,9 +65,13 @@ def test_uninterrupted_run_writes_summary_metrics_and_tensorboard(uninterrupted)
 def test_kill_mid_checkpoint_then_resume_gives_identical_weights(uninterrupted, tmp_path):
     res = run_cli("--output-dir", tmp_path, env_extra={"KDFORGE_TEST_KILL_IN_SAVE": "2"}, check=False)
     assert res.returncode == -signal.SIGKILL
-    state = ckpt.load(tmp_path / "last.pt")  # the first checkpoint survived the half-written second one
+    # The real writer died half-way through the second last.pt: its temporary file is there, never renamed ...
+    stale = list(tmp_path.glob(".last.pt.*.tmp"))
+    assert len(stale) == 1 and 0 < stale[0].stat().st_size < (tmp_path / "last.pt").stat().st_size
+    state = ckpt.load_run(tmp_path / "last.pt")  # ... and the first checkpoint survived it
     assert state["step"] == 4
     res = run_cli("--output-dir", tmp_path, "--resume")
+    assert not list(tmp_path.glob(".*.tmp"))  # the next start cleaned it up
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 18
     assert_same_weights(weights(tmp_path), weights(uninterrupted))
 
@@ -73,7 +79,7 @@ def test_kill_mid_checkpoint_then_resume_gives_identical_weights(uninterrupted, 
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(uninterrupted, tmp_path):
     res = run_cli("--output-dir", tmp_path, env_extra={"KDFORGE_TEST_SIGTERM_AT_STEP": "7"})
     assert "SIGTERM at step 7" in res.stderr and "--resume" in res.stderr
-    assert ckpt.load(tmp_path / "last.pt")["step"] == 7
+    assert ckpt.load_run(tmp_path / "last.pt")["step"] == 7
     assert not (tmp_path / "summary.json").exists()
     run_cli("--output-dir", tmp_path, "--resume")
     assert_same_weights(weights(tmp_path), weights(uninterrupted))
@@ -98,22 +104,97 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_checkpoint(tmp_path, monke
     with pytest.raises(TrainingDiverged) as exc:
         trainer.fit()
     msg = str(exc.value)
-    assert "at step 5" in msg and "token=nan" in msg and "feature=" in msg and "last.pt" in msg
-    assert ckpt.load(tmp_path / "last.pt")["step"] == 4
+    assert "at step 5" in msg and "token=nan" in msg and "feature=" in msg
+    assert f"the last good checkpoint is {tmp_path / 'last.pt'} (step 4)" in msg
+    assert ckpt.load_run(tmp_path / "last.pt")["step"] == 4
 
 
-def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     ckpt.atomic_save({"step": 1}, path)
+    real_save = torch.save
 
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("disk full")
+    def disk_full(obj, f):  # half the bytes reach the temporary file, then the disk is full
+        real_save(obj, f)
+        f.truncate(f.tell() // 2)
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(RuntimeError, match="disk full"):
-        ckpt.atomic_save({"step": 2, "x": Unpicklable()}, path)
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.atomic_save({"step": 2, "x": torch.zeros(1000)}, path)
     assert ckpt.load(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# A run in which every RNG and every piece of state matters to the result: a 2-block student with drop path (draws
+# from torch's global RNG each step), fp16 with a GradScaler whose scale moves every step (growth interval 1: it
+# doubles until gradients overflow, then halves, and overflowing steps are skipped), gradient accumulation and
+# DataLoader workers. A resume that lost any of these states would not end on the same weights.
+RICH = ["--set", "train.precision='fp16'", "--set", "train.accum_steps=2", "--set", "train.num_workers=2",
+        "--set", "student.model_kwargs={img_size = 16, patch_size = 4, embed_dim = 24, depth = 2, num_heads = 2}",
+        "--set", "student.drop_path_rate=0.2"]
+RICH_HOOKS = {"KDFORGE_TEST_SCALER_GROWTH_INTERVAL": "1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_rich(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rich")
+    run_cli("--output-dir", out, *RICH, env_extra=RICH_HOOKS)
+    return out
+
+
+def test_resume_is_exact_with_drop_path_fp16_accumulation_and_workers(uninterrupted_rich, tmp_path):
+    # SIGTERM to the whole process group (workers included) after step 5: mid-epoch (3 steps of 2 micro-batches per
+    # epoch), at a moment when the grad scaler's scale is not its initial value.
+    hooks = {**RICH_HOOKS, "KDFORGE_TEST_SIGTERM_AT_STEP": "5", "KDFORGE_TEST_SIGTERM_GROUP": "1"}
+    res = run_cli("--output-dir", tmp_path, *RICH, env_extra=hooks)
+    assert "SIGTERM at step 5" in res.stderr
+    state = ckpt.load_run(tmp_path / "last.pt")
+    assert state["step"] == 5 and state["batch_in_epoch"] == 4
+    assert state["scaler"]["scale"] != torch.amp.GradScaler("cpu").get_scale()
+    run_cli("--output-dir", tmp_path, *RICH, "--resume", env_extra=RICH_HOOKS)
+    assert_same_weights(weights(tmp_path), weights(uninterrupted_rich))
+
+
+def _trainer(tmp_path, *overrides) -> Trainer:
+    return Trainer(load_recipe(TINY, overrides=["eval.before=false", *overrides]), tmp_path, show_progress=False)
+
+
+def test_loss_weights_scale_each_term_in_the_total_and_in_the_gradients(tmp_path):
+    weighted = _trainer(tmp_path / "a", "losses.token.weight=2.5", "losses.feature.weight=0.5",
+                        "losses.patch.weight=0")
+    plain = _trainer(tmp_path / "b")  # same seed: same initial weights, same first batch and mask
+    batch = next(iter(weighted._loader()))
+    loss, terms = weighted.forward_backward(batch)
+    assert loss == pytest.approx(2.5 * terms["token"] + 0.5 * terms["feature"], rel=1e-6)
+    assert terms["patch"] > 0  # computed and logged, yet weight 0 keeps it out of the total ...
+    patch_head = weighted.model.losses["patch"].head
+    assert all(p.grad is None or not p.grad.any() for p in patch_head.parameters())  # ... and out of the gradients
+    plain.forward_backward(batch)
+    for label, w in (("token", 2.5), ("feature", 0.5)):
+        for p, q in zip(weighted.model.losses[label].head.parameters(), plain.model.losses[label].head.parameters()):
+            torch.testing.assert_close(p.grad, w * q.grad, rtol=1e-5, atol=1e-6 * float(q.grad.abs().max()))
+
+
+def test_each_epoch_reads_every_item_once_in_its_own_seeded_order(tmp_path):
+    def orders(trainer) -> list[list[int]]:
+        seen: dict[int, list[int]] = {}
+        original = trainer.train_step
+
+        def spy(micro):
+            for b in micro:
+                seen.setdefault(trainer.epoch, []).extend(b["index"].tolist())
+            return original(micro)
+
+        trainer.train_step = spy
+        trainer.fit()
+        return [seen[e] for e in sorted(seen)]
+
+    first = orders(_trainer(tmp_path / "a"))
+    assert len(first) == 3 and all(sorted(o) == list(range(48)) for o in first)  # 48 images, batches of 8
+    assert first[0] != first[1] and first[1] != first[2] and first[0] != first[2]
+    assert orders(_trainer(tmp_path / "b")) == first  # a function of the seed and the epoch
+    assert orders(_trainer(tmp_path / "c", "run.seed=4")) != first
 
 
 def test_cosine_schedule_shape():
