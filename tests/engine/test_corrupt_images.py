@@ -98,3 +98,17 @@ def test_an_unreadable_epoch_stops_instead_of_looping(tmp_path):
 
     with pytest.raises(DataError, match="gave no batch with a readable image"):
         trainer.fit()
+
+
+def test_an_all_unreadable_micro_batch_takes_part_with_zero_weight(tmp_path):
+    """Under DDP every process must join each step's gradient all-reduce, so a process whose batch was all
+    unreadable stands in a zero image with weight 0: no gradient, nothing counted in the metrics."""
+    from kdforge.data import Skipped, collate
+    from kdforge.engine.trainer import Trainer
+    from kdforge.recipe import load_recipe
+
+    trainer = Trainer(load_recipe(TINY, overrides=["eval.before=false"]), tmp_path / "out", show_progress=False)
+    loss, terms = trainer.forward_backward(collate([Skipped("a.png", "empty"), Skipped("b.png", "empty")]))
+    assert loss == 0.0 and set(terms) == {"token", "feature", "patch"} and not any(terms.values())
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    assert grads and not any(g.any() for g in grads)  # backward ran through every head, with zeros
