@@ -44,6 +44,35 @@ def test_random_data_and_k_equal_to_g(gen, metric):
     assert torch.equal(torch.sort(idx, dim=1).values, torch.arange(233).expand(21, -1))  # k = G: all of them
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("chunk_size", [None, 100])
+def test_rising_scores_refill_the_candidate_pool(gen, metric, chunk_size):
+    """Scores that rise along the gallery admit most items, so each query's candidate pool (2k + 16) is cut back
+    to its best k dozens of times; equal scores in threes (and small integer noise) make every cut settle ties."""
+    n_q, n_g, k = 11, 999, 10
+    queries = torch.cat([torch.randint(1, 4, (n_q, 1), generator=gen), torch.randint(-1, 2, (n_q, 1), generator=gen)], 1)
+    steps = torch.arange(n_g) // 3
+    # ip: q.g grows with the first column; l2: the first column walks towards the queries (|q0| <= 3).
+    first = steps if metric == "ip" else steps.max() - steps
+    gallery = torch.stack([first, torch.randint(-1, 2, (n_g,), generator=gen)], 1)
+    queries, gallery = queries.float(), gallery.float()
+    scores, idx = _ext.knn(queries, gallery, k, metric=metric, chunk_size=chunk_size)
+    ref_scores, ref_idx = ref_knn(queries, gallery, k, metric)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores.double(), ref_scores)
+
+
+def test_more_queries_than_the_candidate_pools_hold(gen):
+    """With k = 2000 the candidate pools (2k + 16 entries of 16 bytes per query, 64 MiB in all) hold 1024 queries,
+    so 1100 queries are searched in two passes over the gallery; the second starts from empty pools."""
+    queries, gallery = _integer_data(gen, 1100, 2100, 3)
+    k = 2000
+    scores, idx = _ext.knn(queries, gallery, k, metric="l2", chunk_size=700)
+    ref_scores, ref_idx = ref_knn(queries, gallery, k, "l2")
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores.double(), ref_scores)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(gen, dtype):
     queries, gallery = _integer_data(gen, 7, 150, 11)  # exact in every dtype
