@@ -65,7 +65,7 @@ def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
                                    "data": {"plugin": "procedural", "num_train": 32, "num_val": 16, "image_size": 16}},
         ("students", "timm"): {"model": "vit_tiny_patch16_224", "model_kwargs": TINY_VIT, "drop_path_rate": 0.1},
         ("losses", "proteus.token"): {},
-        ("losses", "proteus.feature"): {},
+        ("losses", "proteus.feature"): {"cls": "own_head"},  # the default shares proteus.token's head
         ("losses", "proteus.patch"): {},
         ("losses", "fd.feature"): {},
         ("data_sources", "procedural"): {"num_train": 8, "num_val": 4, "image_size": 16},
@@ -124,6 +124,7 @@ def test_component_smoke(kind, name, tmp_path):
         assert student.features(images).shape == (2, student.embed_dim)
     elif kind == "losses":
         loss_fn = REGISTRY.create(kind, table, "loss", student_dim=24, teacher_dim=32)
+        loss_fn.bind({"loss": loss_fn}, "losses.loss")
         s, t, batch = _fake_outputs()
         loss, metrics = loss_fn(s, t, batch)
         assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0

@@ -32,6 +32,7 @@ from kdforge.data import collate
 from kdforge.engine import checkpoint as ckpt
 from kdforge.engine import runs, signals
 from kdforge.engine.distributed import DistInfo, all_reduce_flag, barrier, init_distributed
+from kdforge.engine.optim import param_groups
 from kdforge.engine.signals import Preempted
 from kdforge.errors import CheckpointError, DataError, KdforgeError, RecipeError, ShapeError, TrainingDiverged
 from kdforge.eval import build_eval_sets, evaluate_encoders, pooled
@@ -42,22 +43,41 @@ __all__ = ["DistillModule", "EpochSampler", "Preempted", "SeededItems", "Trainer
 
 
 class DistillModule(nn.Module):
-    """Student plus loss modules (projection heads): everything that is trained, as one module for DDP."""
+    """Student plus loss modules (projection heads): everything that is trained, as one module for DDP.
+
+    ``forward`` runs the student once per view that some loss reads (:attr:`kdforge.losses.DistillLoss.view`) and
+    returns the weighted sum of the losses with each term."""
 
     def __init__(self, student: nn.Module, losses: dict[str, nn.Module], weights: dict[str, float]):
         super().__init__()
         self.student = student
         self.losses = nn.ModuleDict(losses)
         self.weights = weights
+        self.views = {loss.view for loss in losses.values()}
+
+    def student_views(self, images: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        """{view: StudentOutput} for "clean" (no mask) and "masked" (``mask`` applied). With losses on both views,
+        one batched forward of [images; images] with masks [none; mask] (the released Proteus code's [x, x] with
+        [mask, None]); a view no loss reads is not computed, and without a mask both views are the clean one."""
+        if "masked" not in self.views or mask is None:
+            out = self.student(images)
+            return {"clean": out, "masked": out}
+        if "clean" not in self.views:
+            return {"masked": self.student(images, mask=mask)}
+        b = images.shape[0]
+        both = self.student(torch.cat([images, images]), mask=torch.cat([torch.zeros_like(mask), mask]))
+        return {"clean": dataclasses.replace(both, cls=both.cls[:b], patches=both.patches[:b]),
+                "masked": dataclasses.replace(both, cls=both.cls[b:], patches=both.patches[b:])}
 
     def forward(self, images, mask, teacher_out, batch):
-        student_out = self.student(images, mask=mask)
+        outputs = self.student_views(images, mask)
+        n = next(iter(outputs.values())).patches.shape[1]
         batch = dict(batch, mask=mask if mask is not None else
-                     torch.zeros(images.shape[0], student_out.patches.shape[1], dtype=torch.bool, device=images.device))
+                     torch.zeros(images.shape[0], n, dtype=torch.bool, device=images.device))
         total = images.new_zeros((), dtype=torch.float32)
         terms: dict[str, torch.Tensor] = {}
         for label, loss_fn in self.losses.items():
-            value, _ = loss_fn(student_out, teacher_out, batch)
+            value, _ = loss_fn(outputs[loss_fn.view], teacher_out, batch)
             terms[label] = value.detach()
             total = total + self.weights[label] * value.float()
         return total, terms
@@ -101,21 +121,6 @@ class SeededItems(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
             return self.dataset[index]
-
-
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        # Norms, biases, tokens, position embeddings and relative position bias tables are not decayed (timm /
-        # DeiT / BEiT convention).
-        position = "pos_embed" in name or "rel_pos_bias" in name
-        if p.ndim <= 1 or name.endswith(".bias") or "token" in name or position:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -186,10 +191,12 @@ class Trainer:
                 "losses", table, f"losses.{label}",
                 student_dim=self.student.embed_dim, teacher_dim=self.teacher.embed_dim,
             )
+        for label, loss in losses.items():
+            loss.bind(losses, f"losses.{label}")
         needs_patches = any(l.needs_patches for l in losses.values())
-        if any(l.needs_mask for l in losses.values()) and self.masker is None:
-            label = next(k for k, l in losses.items() if l.needs_mask)
-            raise RecipeError(f"losses.{label} ({r.losses[label]['plugin']}) trains on masked patches but the "
+        masked = [k for k, l in losses.items() if l.view == "masked"]
+        if masked and self.masker is None:
+            raise RecipeError(f"losses.{masked[0]} ({r.losses[masked[0]]['plugin']}) trains on the masked view but the "
                               "recipe has no [masker] table: add [masker] plugin = \"random\" (or \"block\")")
         size = (r.augment.image_size, r.augment.image_size)
         self.grid = self.student.grid(size)
@@ -214,7 +221,8 @@ class Trainer:
         self.warmup_steps = int(round(r.optim.warmup_epochs * self.steps_per_epoch))
 
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, r.optim.weight_decay), lr=self.peak_lr, betas=tuple(r.optim.betas),
+            param_groups(self.model, r.optim.weight_decay, r.optim.decay_also), lr=self.peak_lr,
+            betas=tuple(r.optim.betas),
             fused=self.device.type == "cuda",
         )
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.train.precision)
@@ -506,7 +514,7 @@ class Trainer:
             batch = dict(batch, image=images, label=torch.full((1,), -1), index=torch.zeros(1, dtype=torch.long))
         teacher_out = self._teacher_forward(images)
         mask = None
-        if self.masker is not None:
+        if self.masker is not None and "masked" in self.model.views:
             g = torch.Generator().manual_seed(
                 (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63))
             mask = self.masker(images.shape[0], self.grid, g).to(self.device, non_blocking=True)

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kdforge.errors import RecipeError
 from kdforge.losses import DistillLoss
 from kdforge.ops import masked_gather, whitened_loss
 from kdforge.plugins import hookimpl
@@ -44,21 +45,45 @@ class ProteusTokenLoss(ProteusLoss):
 
 
 class ProteusFeatureLoss(ProteusLoss):
-    """MSE between every projected student patch token and the teacher's patch token at the same position."""
+    """MSE between the student's projected token map [CLS; patches] and the teacher's, position by position, over
+    every element (the released code's feature objective: the CLS row through the token objective's head, the
+    patch rows through this loss's own head)."""
 
     name = "proteus.feature"
     needs_patches = True
 
     @dataclasses.dataclass
     class Config:
+        cls: Literal["token_head", "own_head", "exclude"] = "token_head"
+        """Row 0 of the map is the CLS token, projected by the recipe's proteus.token head (as released), or by
+        this loss's own head; "exclude" compares the patch tokens only."""
         whiten: bool = False
         """Normalise teacher tokens by a LayerNorm without affine first (FD-style targets)."""
         backend: Backend = "auto"
         """Kernel backend of kdforge.ops.whitened_loss."""
 
+    def bind(self, losses, where):
+        if self.cfg.cls != "token_head":
+            return
+        tokens = [loss for loss in losses.values() if isinstance(loss, ProteusTokenLoss)]
+        if len(tokens) != 1:
+            raise RecipeError(
+                f"[{where}] cls = 'token_head' projects the CLS row with the head of the recipe's proteus.token loss, "
+                f"but the recipe has {len(tokens)} proteus.token losses: add one, or set cls = 'own_head' or 'exclude'"
+            )
+        # A reference, not a submodule: the token loss owns the head (its parameters, state dict and weight decay).
+        object.__setattr__(self, "_cls_head", tokens[0].head)
+
     def forward(self, student_out, teacher_out, batch):
-        pred = self.head(student_out.patches)
-        loss = whitened_loss(pred, teacher_out.patches, loss="mse", whiten=self.cfg.whiten, backend=self.cfg.backend)
+        pred, target = self.head(student_out.patches), teacher_out.patches
+        if self.cfg.cls != "exclude":
+            if self.cfg.cls == "token_head" and "_cls_head" not in self.__dict__:
+                raise RuntimeError("proteus.feature with cls = 'token_head' was not bound to a proteus.token loss: "
+                                   "call bind(losses, where) after building the recipe's losses")
+            head = self.__dict__["_cls_head"] if self.cfg.cls == "token_head" else self.head
+            pred = torch.cat([head(student_out.cls).unsqueeze(1), pred], dim=1)
+            target = torch.cat([teacher_out.cls.unsqueeze(1), target], dim=1)
+        loss = whitened_loss(pred, target, loss="mse", whiten=self.cfg.whiten, backend=self.cfg.backend)
         return loss, {}
 
 
@@ -68,7 +93,7 @@ class ProteusPatchLoss(ProteusLoss):
 
     name = "proteus.patch"
     needs_patches = True
-    needs_mask = True
+    view = "masked"
 
     @dataclasses.dataclass
     class Config:
@@ -93,13 +118,16 @@ class ProteusPatchLoss(ProteusLoss):
 
 class FDFeatureLoss(DistillLoss):
     """Feature Distillation (papers/004): smooth-L1 (beta 2) between a 1x1 projection of the student's feature map
-    and the teacher's feature map whitened by a LayerNorm without affine."""
+    and the teacher's feature map whitened by a LayerNorm without affine, over every token [CLS; patches] (the
+    released loss covers the whole 197-token map of a ViT-B/16)."""
 
     name = "fd.feature"
     needs_patches = True
 
     @dataclasses.dataclass
     class Config:
+        include_cls: bool = True
+        """Row 0 of both maps is the CLS token (as released); false compares the patch tokens only."""
         beta: PositiveFloat = 2.0
         """Smooth-L1 beta (FD's released code uses 2.0)."""
         eps: PositiveFloat = 1e-5
@@ -112,9 +140,12 @@ class FDFeatureLoss(DistillLoss):
         self.head = nn.Linear(student_dim, teacher_dim)  # the 1x1 convolution over the token map
 
     def forward(self, student_out, teacher_out, batch):
-        pred = self.head(student_out.patches)
+        tokens, target = student_out.patches, teacher_out.patches
+        if self.cfg.include_cls:
+            tokens = torch.cat([student_out.cls.unsqueeze(1), tokens], dim=1)
+            target = torch.cat([teacher_out.cls.unsqueeze(1), target], dim=1)
         loss = whitened_loss(
-            pred, teacher_out.patches, loss="smooth_l1", beta=self.cfg.beta, whiten=True, eps=self.cfg.eps,
+            self.head(tokens), target, loss="smooth_l1", beta=self.cfg.beta, whiten=True, eps=self.cfg.eps,
             backend=self.cfg.backend,
         )
         return loss, {}

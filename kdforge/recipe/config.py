@@ -63,7 +63,11 @@ class OptimConfig:
     warmup_epochs: NonNegativeFloat = 5.0
     """Linear warm-up length in epochs (fractions allowed)."""
     weight_decay: Annotated[float, Range(ge=0, le=1)] = 0.05
-    """AdamW weight decay (not applied to norms, biases, tokens and position embeddings)."""
+    """AdamW weight decay (not applied to norms, biases, and the student's position embeddings, tokens and
+    relative position biases: kdforge.engine.optim)."""
+    decay_also: list[str] = dataclasses.field(default_factory=list)
+    """Patterns of parameter names to decay despite the student's no-weight-decay set: ["*"] decays them all (the
+    released Proteus code), ["student.rel_pos_bias.*"] the shared relative position bias (the released FD code)."""
     betas: tuple[_Beta, _Beta] = (0.9, 0.999)
     """AdamW betas."""
     clip_grad: NonNegativeFloat = 0.0

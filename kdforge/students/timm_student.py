@@ -58,6 +58,10 @@ class RelativePositionBias(nn.Module):
     def num_tokens(self) -> int:
         return self.index.shape[0]
 
+    def no_weight_decay(self) -> set[str]:
+        """A position encoding, like timm's pos_embed: not decayed (see kdforge.engine.optim)."""
+        return {"table"}
+
     def forward(self) -> Tensor:
         return self.table[self.index].permute(2, 0, 1).contiguous()
 
@@ -219,6 +223,11 @@ class TimmStudent(Student):
         m = mask.reshape(tokens.shape[:-1]).unsqueeze(-1)
         tokens = torch.where(m, self.mask_token.to(tokens.dtype), tokens)
         return (tokens, *out[1:]) if isinstance(out, tuple) else tokens
+
+    def no_weight_decay(self) -> set[str]:
+        """The mask token, like timm's class token, is not decayed (the timm model names its own, see
+        kdforge.engine.optim)."""
+        return {"mask_token"}
 
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size

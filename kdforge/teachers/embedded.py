@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from kdforge.engine import signals
 from kdforge.engine.checkpoint import atomic_path
+from kdforge.engine.optim import param_groups
 from kdforge.errors import DataError, KdforgeError, ShapeError
 from kdforge.ranges import ImageSide, NonNegativeFloat, PositiveInt, Range, Seed
 from kdforge.teachers import Teacher
@@ -345,14 +346,6 @@ def augment(x: Tensor, g: torch.Generator, *, max_shift: float = 0.0625, scale: 
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        # norms, biases, tokens and position embeddings are not decayed (DeiT convention)
-        (no_decay if p.ndim <= 1 or "token" in name or "pos_embed" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, mean: Tensor, std: Tensor, device, batch: int = 512) -> float:
     """Top-1 accuracy of a classifier on uint8 images, in [0, 1]."""
@@ -394,7 +387,7 @@ def train_classifier(
     steps_per_epoch = n // batch
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(round(cfg.warmup_epochs * steps_per_epoch)))
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     bar = tqdm(total=total, desc=f"training embedded teacher ({cfg.model})", unit="step", disable=not cfg.progress,
                dynamic_ncols=True)
     step, seen, t0 = 0, 0, time.perf_counter()

@@ -161,9 +161,11 @@ def _trainer(tmp_path, *overrides) -> Trainer:
 
 
 def test_loss_weights_scale_each_term_in_the_total_and_in_the_gradients(tmp_path):
-    weighted = _trainer(tmp_path / "a", "losses.token.weight=2.5", "losses.feature.weight=0.5",
+    # Each head read by one loss only (by default the feature loss projects the CLS row with the token head).
+    own = "losses.feature.cls='own_head'"
+    weighted = _trainer(tmp_path / "a", own, "losses.token.weight=2.5", "losses.feature.weight=0.5",
                         "losses.patch.weight=0")
-    plain = _trainer(tmp_path / "b")  # same seed: same initial weights, same first batch and mask
+    plain = _trainer(tmp_path / "b", own)  # same seed: same initial weights, same first batch and mask
     batch = next(iter(weighted._loader()))
     loss, terms = weighted.forward_backward(batch)
     assert loss == pytest.approx(2.5 * terms["token"] + 0.5 * terms["feature"], rel=1e-6)

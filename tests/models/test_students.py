@@ -255,7 +255,7 @@ def test_relative_position_bias_with_grad_checkpointing():
 
 
 def test_relative_position_bias_errors_and_weight_decay():
-    from kdforge.engine.trainer import _param_groups
+    from kdforge.engine.optim import param_groups
 
     with pytest.raises(RecipeError, match="attention = 'kdforge'"):
         _student(rel_pos_bias="shared")
@@ -267,7 +267,7 @@ def test_relative_position_bias_errors_and_weight_decay():
     with pytest.raises(KdforgeError, match="covers 18 tokens but the input has 38"):
         dynamic(_images(size=24))
     s = _rpb_student("shared")
-    decay, no_decay = _param_groups(s, 0.05)
+    decay, no_decay = param_groups(s, 0.05)
     assert any(p is s.rel_pos_bias.table for p in no_decay["params"])
     assert not any(p is s.rel_pos_bias.table for p in decay["params"])
 
