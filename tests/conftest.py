@@ -53,3 +53,32 @@ def require_ext():
             pytest.fail(f"{reason} (CI=true: the extension must be built before the tests run)", pytrace=False)
         pytest.skip(reason)
     return _ext
+
+
+def _smoke_run(factory, recipe: str):
+    """One smoke-profile training run of a shipped recipe, shared by every test of the session that reads it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = factory.mktemp(f"smoke-{recipe.removesuffix('.toml')}") / "run"
+    res = subprocess.run(
+        [sys.executable, "-m", "kdforge.cli", "train", str(repo / "plugins" / recipe), "--profile", "smoke",
+         "--output-dir", str(out), "--no-progress"], capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def proteus_smoke_run(tmp_path_factory):
+    """Run directory of ``kdforge train plugins/proteus.toml --profile smoke`` (trained once per session)."""
+    return _smoke_run(tmp_path_factory, "proteus.toml")
+
+
+@pytest.fixture(scope="session")
+def fd_smoke_run(tmp_path_factory):
+    """Run directory of ``kdforge train plugins/fd.toml --profile smoke`` (trained once per session): the smoke
+    test, fine-tuning and the landscape diagnostic all read it."""
+    return _smoke_run(tmp_path_factory, "fd.toml")
