@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -161,3 +163,59 @@ def test_block_masker_speed_is_reasonable():
         best = min(best, time.perf_counter() - t)
     print(f"block masker: {best * 1e3:.1f} ms for 256 images on a 16x16 grid (best of 3)")
     assert best < 1.0, f"{best:.3f} s for one batch"
+
+
+@pytest.mark.parametrize("plugin", ["random", "block"])
+@pytest.mark.parametrize("batch", [10, 7, 1, 0])
+def test_exact_count_masks_int_b_times_p_images_at_random_places(plugin, batch):
+    # Proteus' and DINOv2's released collate: exactly int(B x p) images of every batch are masked
+    m = _masker(plugin=plugin, mask_probability=0.5)
+    places = set()
+    for seed in range(20):
+        mask = m(batch, (8, 8), _gen(seed))
+        chosen = mask.any(1)
+        assert int(chosen.sum()) == int(batch * 0.5)
+        places.add(tuple(chosen.nonzero().flatten().tolist()))
+    if batch >= 7:
+        assert len(places) > 10  # not always the same images
+    # exact_count = false: each image on its own coin, so the count varies from batch to batch
+    free = _masker(plugin=plugin, mask_probability=0.5, exact_count=False)
+    counts = {int(free(10, (8, 8), _gen(seed)).any(1).sum()) for seed in range(20)}
+    assert len(counts) > 2
+
+
+def test_block_masker_stratifies_the_ratios_over_the_masked_images(monkeypatch):
+    # DINOv2: the i-th of n masked images draws its ratio from the i-th of n equal slices of [min_ratio, max_ratio]
+    from kdforge.masking.maskers import BlockMasker
+
+    n_patches, lo, hi = 256, 0.1, 0.5
+    for seed in range(5):
+        m = _masker(plugin="block", mask_probability=0.75, min_ratio=lo, max_ratio=hi)
+        targets = []
+        original = BlockMasker._fill
+
+        def spy(self, mask, target, rand):
+            targets.append(target)
+            return original(self, mask, target, rand)
+
+        monkeypatch.setattr(BlockMasker, "_fill", spy)
+        m(16, (16, 16), _gen(seed))
+        monkeypatch.undo()
+        n = int(16 * 0.75)
+        assert len(targets) == n
+        for i, t in enumerate(sorted(targets)):
+            step = (hi - lo) / n
+            assert int((lo + i * step) * n_patches) <= t <= int((lo + (i + 1) * step) * n_patches), (seed, i, t)
+
+
+def test_block_masker_never_draws_a_block_as_tall_or_wide_as_the_grid():
+    from kdforge.masking.maskers import _Uniforms
+
+    m = _masker(plugin="block", min_block_patches=2)
+    for grid in [(4, 4), (2, 8), (3, 5)]:
+        rects = []
+        for seed in range(50):
+            rects += m._fill(np.zeros(grid, dtype=bool), int(0.75 * grid[0] * grid[1]), _Uniforms(_gen(seed)))
+        assert rects and all(h < grid[0] and w < grid[1] for _, _, h, w in rects), grid
+    # a 1-patch-high grid has no room for any block
+    assert not m(4, (1, 16), _gen()).any()
