@@ -273,3 +273,28 @@ def test_evaluation_features_are_the_cls_or_the_mean_patch_token(tmp_path, featu
     teacher_expected = teacher_out.cls if features == "cls" else teacher_out.patches.mean(dim=1)
     assert len(seen) == 2  # the student before training, then the teacher
     torch.testing.assert_close(seen[1], teacher_expected)
+
+
+def test_masking_changes_the_patch_loss_only(tmp_path):
+    # Proteus' released code: token and feature objectives read the student's output on the clean image, only the
+    # patch objective the masked view. Same weights, same batch: masking on or off gives the same token and feature
+    # values, and a patch value that is not the clean view's.
+    from tolerances import close
+
+    trainer = _trainer(tmp_path, "masker.mask_probability=1.0")
+    model = trainer.model.eval()  # no dropout / drop path: the two calls see the same function
+    batch = next(iter(trainer._loader()))
+    images = batch["image"]
+    mask = trainer.masker(images.shape[0], trainer.grid, torch.Generator().manual_seed(0))
+    assert mask.any(1).all()
+    with torch.no_grad():
+        teacher_out = trainer._teacher_forward(images)
+        _, on = model(images, mask, teacher_out, batch)
+        _, off = model(images, None, teacher_out, batch)
+        clean = model.student(images)
+        patch_head = model.losses["patch"].head
+        clean_patch = torch.mean((patch_head(clean.patches[mask]) - teacher_out.patches[mask]) ** 2)
+    for label in ("token", "feature"):
+        close(on[label], off[label], torch.float32, msg=label)
+    assert float(off["patch"]) == 0.0  # masking off: no masked position
+    assert abs(float(on["patch"]) / float(clean_patch) - 1) > 1e-3  # the masked view, not the clean one
