@@ -111,3 +111,63 @@ def test_shipped_recipe_dry_run_and_missing_imagenet(tmp_path, name):
     assert len(lines) == 1, res.stderr
     assert str(tmp_path / "imagenet") in lines[0] and "data.root" in lines[0]
     assert not out.exists()
+
+
+# What the released code of each method does (issue 10, items 5 and 6): `--dry-run` shows every value and these
+# tests pin them, so a recipe edit that drifts from the released method fails here.
+RELEASED = {
+    "proteus.toml": {
+        ("augment", "auto_augment"): "rand-m9-mstd0.5-inc1",
+        ("augment", "re_prob"): 0.25,
+        ("augment", "re_mode"): "pixel",
+        ("augment", "re_count"): 1,
+        ("augment", "interpolation"): "bicubic",
+        ("augment", "color_jitter"): 0.0,
+        ("train", "repeated_aug"): 3,
+        ("student", "model_kwargs", "init_values"): 1.0,
+        ("student", "drop_path_rate"): 0.0,
+        ("masker", "plugin"): "random",
+        ("masker", "exact_count"): True,
+        ("masker", "mask_probability"): 0.5,
+        ("masker", "mask_ratio"): 0.5,
+        ("losses", "feature", "cls"): "token_head",
+        ("optim", "decay_also"): ["*"],
+        ("optim", "lr"): 5e-4,
+        ("optim", "min_lr"): 1e-5,
+        ("optim", "warmup_epochs"): 5,
+        ("optim", "weight_decay"): 0.05,
+    },
+    "fd.toml": {
+        ("teacher", "model"): "vit_base_patch16_clip_quickgelu_224.openai",
+        ("student", "model_kwargs", "init_values"): 0.1,
+        ("student", "model_kwargs", "fix_init"): True,
+        ("student", "model_kwargs", "qkv_bias"): True,
+        ("student", "model_kwargs", "pos_embed"): "none",
+        ("student", "rel_pos_bias"): "shared",
+        ("student", "drop_path_rate"): 0.2,
+        ("student", "mean"): [0.485, 0.456, 0.406],
+        ("student", "std"): [0.229, 0.224, 0.225],
+        ("losses", "feature", "include_cls"): True,
+        ("losses", "feature", "beta"): 2.0,
+        ("optim", "min_lr"): 2e-5,
+        ("optim", "lr"): 3e-4,
+        ("optim", "clip_grad"): 3.0,
+        ("optim", "warmup_epochs"): 10,
+        ("optim", "decay_also"): ["student.rel_pos_bias.*"],
+        ("train", "epochs"): 300,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_shipped_recipes_pin_the_released_settings(name):
+    import tomllib
+
+    res = kdforge("train", REPO / "plugins" / name, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    resolved = tomllib.loads(res.stdout)
+    for path, want in RELEASED[name].items():
+        value = resolved
+        for key in path:
+            value = value[key]
+        assert value == want, (".".join(path), value, want)

@@ -3,8 +3,17 @@
 Every input is turned into a ``Tensor[3, H, W]`` first (uint8 stays uint8, so resizing runs on bytes; float stays
 float), then :mod:`torchvision.transforms.v2` crops, flips and jitters it, and the result is a float32
 ``Tensor[3, S, S]`` in [0, 1]. There is no normalisation here: teachers and students normalise their inputs
-themselves, because each has its own mean and std. Randomness comes from torch's global generator, so a
-transform is reproducible under ``torch.manual_seed`` (DataLoader workers get their own seeds from torch).
+themselves, because each has its own mean and std.
+
+The DeiT recipe's augmentations come from timm, as DeiT and the released Proteus code use them: RandAugment
+(``auto_augment = "rand-m9-mstd0.5-inc1"``, timm's ``rand_augment_transform`` on the PIL image, after the crop and
+flip) and random erasing (``re_prob``, timm's ``RandomErasing``, last). timm erases a normalised image with N(0, 1)
+noise ("pixel" mode); here, before any normalisation, the noise is drawn in the space normalised by
+``re_mean`` / ``re_std`` (ImageNet's, DeiT's) and mapped back to pixels, so a model normalising with those
+statistics sees exactly timm's erasing. Erased pixels can then lie outside [0, 1].
+
+Randomness comes from torch's, Python's and numpy's global generators (timm's augmentations draw from the latter
+two): the engine seeds all three per item (:class:`kdforge.engine.trainer.SeededItems`).
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from typing import Annotated, Any, Callable, Literal
 import numpy as np
 import torch
 
-from kdforge.ranges import ImageSide, Range
+from kdforge.ranges import Fraction, ImageSide, PositiveInt, Range
 
 __all__ = ["ImageTransform", "TransformConfig", "as_float_image", "build_transform", "to_image_tensor", "to_rgb8"]
 
@@ -39,7 +48,19 @@ class TransformConfig:
     crop_pct: float = 0.875
     "eval: resize the shorter side to image_size / crop_pct, then take the centre image_size crop"
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    "resampling filter of every resize"
+    "resampling filter of every resize (and of RandAugment's geometric operations)"
+    auto_augment: str = ""
+    "train: timm RandAugment / AutoAugment policy string, e.g. 'rand-m9-mstd0.5-inc1' (DeiT); '' is off"
+    re_prob: Fraction = 0.0
+    "train: probability of random erasing (timm's RandomErasing; DeiT: 0.25)"
+    re_mode: Literal["pixel", "rand", "const"] = "pixel"
+    "train: random erasing fill: per-pixel normal noise, one normal colour per block, or the mean"
+    re_count: PositiveInt = 1
+    "train: at most this many erased blocks per image"
+    re_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    "train: mean of the space in which erasing noise is N(0, 1) (ImageNet's, as DeiT normalises)"
+    re_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    "train: std of that space (ImageNet's)"
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -54,6 +75,60 @@ class TransformConfig:
             raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.auto_augment:
+            if self.color_jitter > 0:
+                raise ValueError(
+                    f"color_jitter = {self.color_jitter:g} with auto_augment = '{self.auto_augment}': timm (and DeiT) "
+                    "apply no colour jitter when RandAugment is on; set color_jitter = 0"
+                )
+            _auto_augment(self)  # a bad policy string fails here, when the recipe is resolved
+        if min(self.re_std) <= 0:
+            raise ValueError(f"re_std must be positive, got {tuple(self.re_std)}")
+
+
+def _auto_augment(cfg: TransformConfig) -> Callable:
+    """timm's RandAugment / AutoAugment / AugMix for ``cfg.auto_augment``, with the hyper-parameters timm's
+    ``create_transform`` gives it (translation 45% of the image side, fill = ``re_mean`` in 0..255, the recipe's
+    interpolation)."""
+    from PIL import Image
+    from timm.data import auto_augment as aa
+
+    hparams = {
+        "translate_const": int(cfg.image_size * 0.45),
+        "img_mean": tuple(min(255, round(255 * m)) for m in cfg.re_mean),
+        "interpolation": {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[cfg.interpolation],
+    }
+    policy = cfg.auto_augment
+    try:
+        if policy.startswith("rand"):
+            transform = aa.rand_augment_transform(policy, hparams)
+        elif policy.startswith("augmix"):
+            transform = aa.augment_and_mix_transform(policy, hparams)
+        else:
+            transform = aa.auto_augment_transform(policy, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise ValueError(
+            f"auto_augment = '{policy}' is not a timm policy string ({type(e).__name__}: {e}); use e.g. "
+            "'rand-m9-mstd0.5-inc1' (RandAugment), 'original' or 'v0' (AutoAugment), 'augmix-m5-w3'"
+        ) from None
+    ops = getattr(transform, "ops", None) or [op for sub in getattr(transform, "policy", []) for op in sub]
+    for op in ops:
+        if getattr(op, "aug_fn", None) is aa.posterize:
+            op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, also for 0 bits: "PosterizeIncreasing" at magnitude 10 (reached by rand-m9-mstd0.5's
+    magnitude noise) keeps 0 bits, which Pillow 11+ refuses and older Pillow (that timm and DeiT were written
+    against) turns into a black image. Same result here."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def to_rgb8(image: Any) -> Any:
@@ -164,6 +239,8 @@ class ImageTransform:
             )
             if cfg.hflip > 0:
                 ops.append(v2.RandomHorizontalFlip(cfg.hflip))
+            if cfg.auto_augment:  # timm's policies work on PIL images
+                ops += [v2.ToPILImage(), _auto_augment(cfg), v2.PILToTensor()]
             if cfg.color_jitter > 0:
                 s = cfg.color_jitter
                 jitter = v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.4 * s, hue=min(0.1 * s, 0.5))
@@ -172,20 +249,39 @@ class ImageTransform:
             resize_to = int(math.floor(size / cfg.crop_pct + 1e-6))
             ops += [v2.Resize(resize_to, interpolation=interp, antialias=True), v2.CenterCrop(size)]
         self.ops = v2.Compose(ops)
+        self.erase = None
+        if train and cfg.re_prob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(cfg.re_prob, mode=cfg.re_mode, max_count=cfg.re_count, device="cpu")
+            self._re_mean = torch.tensor(cfg.re_mean).view(3, 1, 1)
+            self._re_std = torch.tensor(cfg.re_std).view(3, 1, 1)
 
     def __call__(self, image: Any) -> torch.Tensor:
         from torchvision import tv_tensors
 
         x = tv_tensors.Image(to_image_tensor(image))
-        x = self.ops(x).as_subclass(torch.Tensor)
+        x = self.ops(x)
+        x = (x if isinstance(x, torch.Tensor) else v2_to_tensor(x)).as_subclass(torch.Tensor)
         if x.dtype == torch.uint8:
-            return x.float().div_(255.0)
-        # bicubic resizing of float images overshoots a little at edges; out of place, because when no op
-        # changed the image x is still the caller's tensor
-        return x.clamp(0.0, 1.0)
+            x = x.float().div_(255.0)
+        else:
+            # bicubic resizing of float images overshoots a little at edges; out of place, because when no op
+            # changed the image x is still the caller's tensor
+            x = x.clamp(0.0, 1.0)
+        if self.erase is not None:
+            # timm erases normalised images with N(0, 1) noise: the same, in the space normalised by re_mean/std
+            x = self.erase((x - self._re_mean) / self._re_std) * self._re_std + self._re_mean
+        return x
 
     def __repr__(self) -> str:
-        return f"ImageTransform(train={self.train}, {self.ops})"
+        erase = f", {self.erase!r}" if self.erase is not None else ""
+        return f"ImageTransform(train={self.train}, {self.ops}{erase})"
+
+
+def v2_to_tensor(image: Any) -> torch.Tensor:
+    """A PIL image (what a policy may return) as a uint8 Tensor[3, H, W]."""
+    return to_image_tensor(image)
 
 
 def build_transform(cfg: TransformConfig | None, train: bool) -> ImageTransform:

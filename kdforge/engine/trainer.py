@@ -19,11 +19,13 @@ import dataclasses
 import itertools
 import json
 import math
+import random
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -84,13 +86,18 @@ class DistillModule(nn.Module):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch, sharded over ranks, yielding (epoch, index) so items can seed themselves.
+    """A seeded permutation per epoch, sharded over ranks, yielding (epoch, index, copy) so items can seed themselves.
 
-    ``start`` skips the first ``start`` samples of this rank's shard (resuming mid-epoch).
+    ``repeats`` > 1 is repeated augmentation (DeiT's RASampler, timm's RepeatAugSampler, which the released Proteus
+    code trains with: 3): each index of the permutation appears ``repeats`` times in a row (copies 0, 1, ...), so
+    consecutive ranks get the same image under different augmentations, and an epoch keeps its length (n // world
+    items per rank), covering about n / repeats distinct images. timm also rounds the per-rank count down to a
+    multiple of 256 / world; here it is n // world, as without repeats. ``start`` skips the first ``start`` samples
+    of this rank's shard (resuming mid-epoch).
     """
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, repeats: int = 1):
+        self.n, self.seed, self.rank, self.world, self.repeats = n, seed, rank, world, repeats
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
@@ -99,16 +106,19 @@ class EpochSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.n // self.world - self.start
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[: (self.n // self.world) * self.world]
-        shard = order[self.rank :: self.world].tolist()
-        return iter([(self.epoch, i) for i in shard[self.start :]])
+        keep = (self.n // self.world) * self.world
+        order = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)[:keep]
+        copy = torch.arange(self.repeats).repeat(self.n)[:keep]
+        shard = list(zip(order[self.rank :: self.world].tolist(), copy[self.rank :: self.world].tolist()))
+        return iter([(self.epoch, i, c) for i, c in shard[self.start :]])
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """Runs each item's transform under its own seed (from run seed, epoch and index): exact resumes with any
-    number of workers."""
+    """Runs each item's transform under its own seed (from run seed, epoch, index and repeated-augmentation copy):
+    exact resumes with any number of workers. torch's, Python's and numpy's global generators are all seeded (timm's
+    RandAugment and random erasing draw from the latter two) and restored afterwards."""
 
     def __init__(self, dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -117,10 +127,18 @@ class SeededItems(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
-            return self.dataset[index]
+        epoch, index, copy = key if len(key) == 3 else (*key, 0)
+        seed = (self.seed * 1_000_003 + epoch * 10_007 + index + copy * 1_000_000_007) % (2**63)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % (2**32))
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -235,7 +253,8 @@ class Trainer:
             )
         self.forward_model = torch.compile(self.ddp_model) if r.train.compile else self.ddp_model
 
-        self.sampler = EpochSampler(len(self.dataset), r.run.seed, self.dist.rank, self.dist.world_size)
+        self.sampler = EpochSampler(len(self.dataset), r.run.seed, self.dist.rank, self.dist.world_size,
+                                    r.train.repeated_aug)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0

@@ -117,3 +117,77 @@ def test_config_from_a_recipe_table_is_validated():
         build(TransformConfig, {"scale": [0.9, 0.2]}, "augment")
     with pytest.raises(RecipeError, match="did you mean 'hflip'"):
         build(TransformConfig, {"hflipp": 0.5}, "augment")
+
+
+DEIT = dict(image_size=32, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, interpolation="bicubic")
+
+
+def _seeded(tf, image, seed):
+    """The transform under one seed of torch, Python and numpy (as kdforge.engine.trainer.SeededItems runs it)."""
+    import random
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    return tf(image)
+
+
+def test_deit_augmentation_applies_randaugment_and_erasing_on_a_fixed_seed(monkeypatch):
+    from timm.data import auto_augment
+    from timm.data.random_erasing import RandomErasing
+
+    calls = {"ra": 0, "erase": 0, "erased": 0}
+    ra_call, erase_call = auto_augment.RandAugment.__call__, RandomErasing.__call__
+
+    def ra_spy(self, img):
+        calls["ra"] += 1
+        return ra_call(self, img)
+
+    def erase_spy(self, x):
+        calls["erase"] += 1
+        out = erase_call(self, x.clone())
+        calls["erased"] += int(not torch.equal(out, x))
+        return out
+
+    monkeypatch.setattr(auto_augment.RandAugment, "__call__", ra_spy)
+    monkeypatch.setattr(RandomErasing, "__call__", erase_spy)
+    img, _ = _pil(size=(48, 48))
+    tf = build_transform(TransformConfig(**DEIT), train=True)
+    plain = build_transform(TransformConfig(image_size=32, interpolation="bicubic"), train=True)
+    outs = [_seeded(tf, img, seed) for seed in range(40)]
+    assert calls["ra"] == 40 and calls["erase"] == 40
+    assert 4 <= calls["erased"] <= 18  # probability 0.25 of 40 images (binomial: 99.9% within these bounds)
+    # same seeds, same crop and flip draws, yet other pixels: RandAugment changed them
+    differ = sum(not torch.equal(o, _seeded(plain, img, seed)) for seed, o in enumerate(outs))
+    assert differ >= 35
+    # reproducible under the seeds
+    assert all(torch.equal(outs[s], _seeded(tf, img, s)) for s in (0, 7, 13))
+
+
+def test_random_erasing_is_timms_pixel_noise_in_the_normalised_space():
+    img, _ = _pil(size=(64, 64))
+    cfg = TransformConfig(image_size=64, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, re_prob=1.0)
+    erased = _seeded(build_transform(cfg, train=True), img, 3)
+    clean = _seeded(build_transform(TransformConfig(image_size=64, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0),
+                                    train=True), img, 3)
+    changed = ((erased - clean).abs() > 1e-5).any(0)  # elsewhere only float rounding of the normalisation
+    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+    box = changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert box.float().mean() > 0.99  # one rectangle
+    assert 0.02 * 64 * 64 * 0.9 <= int(changed.sum()) <= 64 * 64 / 3 * 1.1  # timm's area range
+    mean = torch.tensor(cfg.re_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.re_std).view(3, 1, 1)
+    noise = ((erased - mean) / std)[:, changed]
+    assert abs(float(noise.mean())) < 0.15 and abs(float(noise.std()) - 1) < 0.1  # N(0, 1) once normalised
+    assert erased.min() < 0 or erased.max() > 1  # not clipped to [0, 1]
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [({"auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.3}, "no colour jitter when RandAugment is on"),
+     ({"auto_augment": "bogus"}, "not a timm policy string"),
+     ({"re_prob": 1.5}, "re_prob")],
+)
+def test_bad_augmentation_settings_are_recipe_errors(table, message):
+    with pytest.raises(RecipeError, match=message):
+        build(TransformConfig, table, "augment")

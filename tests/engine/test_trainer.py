@@ -298,3 +298,41 @@ def test_masking_changes_the_patch_loss_only(tmp_path):
         close(on[label], off[label], torch.float32, msg=label)
     assert float(off["patch"]) == 0.0  # masking off: no masked position
     assert abs(float(on["patch"]) / float(clean_patch) - 1) > 1e-3  # the masked view, not the clean one
+
+
+def test_repeated_augmentation_gives_consecutive_ranks_the_same_image_under_other_augmentations():
+    from kdforge.engine.trainer import EpochSampler, SeededItems
+
+    n, world, repeats = 30, 2, 3
+    shards = [list(EpochSampler(n, seed=5, rank=r, world=world, repeats=repeats)) for r in range(world)]
+    assert all(len(s) == n // world for s in shards)  # an epoch keeps its length
+    merged = [item for pair in zip(*shards) for item in pair]  # global order: rank 0, rank 1, rank 0, ...
+    groups = [merged[i : i + repeats] for i in range(0, len(merged), repeats)]
+    for g in groups:
+        assert len({i for _, i, _ in g}) == 1 and [c for _, _, c in g] == list(range(repeats))
+    assert len({g[0][1] for g in groups}) == n // repeats  # n / repeats distinct images per epoch
+    assert [i for _, i, _ in EpochSampler(n, 5, repeats=1)] != [i for _, i, _ in EpochSampler(n, 6, repeats=1)]
+
+    class Noise(torch.utils.data.Dataset):  # an "augmentation" drawing from torch, Python and numpy
+        def __len__(self):
+            return n
+
+        def __getitem__(self, index):
+            import random
+
+            import numpy as np
+
+            return (float(torch.rand(())), random.random(), float(np.random.rand()))
+
+    items = SeededItems(Noise(), seed=1)
+    copies = [items[(0, 4, c)] for c in range(repeats)]
+    assert len(set(copies)) == repeats and all(len(set(c)) == 3 for c in copies)  # each copy its own draws
+    assert items[(0, 4, 1)] == copies[1] and items[(0, 4)] == copies[0]  # a function of the key
+
+
+def test_train_loop_reads_repeated_augmentation_copies(tmp_path):
+    trainer = _trainer(tmp_path, "train.repeated_aug=3")
+    batch = next(iter(trainer._loader()))
+    idx = batch["index"].tolist()
+    assert idx[0] == idx[1] == idx[2] and idx[3] == idx[4] == idx[5]  # one process: the copies are consecutive
+    assert not torch.equal(batch["image"][0], batch["image"][1])  # ... under different augmentations

@@ -355,3 +355,20 @@ def test_resize_patches_is_bilinear_on_the_grid():
     assert resize_patches(x.bfloat16(), (3, 4), (6, 2)).dtype == torch.bfloat16
     with pytest.raises(ShapeError, match=r"expected patches \[B, 4\*4, D\]"):
         resize_patches(x, (4, 4), (2, 2))
+
+
+def test_fd_student_options_layer_scale_depth_scaled_init_and_qkv_bias():
+    # plugins/fd.toml's student: LayerScale 0.1, BEiT's depth-scaled init of attn.proj / mlp.fc2 (timm's fix_init),
+    # q/k/v bias, through model_kwargs
+    kwargs = {**TINY_VIT, "embed_dim": 96, "depth": 4, "num_heads": 3, "pos_embed": "none"}
+    fd = _student(model_kwargs={**kwargs, "init_values": 0.1, "fix_init": True, "qkv_bias": True})
+    plain = _student(model_kwargs=kwargs)
+    blocks = fd.model.blocks
+    assert all(torch.equal(b.ls1.gamma, torch.full((96,), 0.1)) and torch.equal(b.ls2.gamma, torch.full((96,), 0.1))
+               for b in blocks)
+    assert all(b.attn.qkv.bias is not None for b in blocks)
+    for name in ("attn.proj", "mlp.fc2"):
+        stds = [float(b.get_submodule(name).weight.std()) for b in blocks]
+        plain_stds = [float(b.get_submodule(name).weight.std()) for b in plain.model.blocks]
+        for layer, (s, p) in enumerate(zip(stds, plain_stds)):
+            assert abs(s * (2 * (layer + 1)) ** 0.5 / p - 1) < 0.1, (name, layer, s, p)  # std / sqrt(2 (l + 1))
