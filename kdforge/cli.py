@@ -108,7 +108,7 @@ def cmd_eval(args) -> int:
 
     from kdforge.engine.distributed import pick_device
     from kdforge.engine.runs import load_run_student
-    from kdforge.eval import evaluate_encoders, pooled
+    from kdforge.eval import Encoder, evaluate_encoders
     from kdforge.plugins import get_registry
 
     builds = ["student", "eval.data"] + ([] if args.no_teacher else ["teacher"])
@@ -123,11 +123,11 @@ def cmd_eval(args) -> int:
         )
     device = pick_device(recipe.run.device)
     student.to(device)
-    encoders = {"student": lambda x: pooled(student(x), r.features).float()}
+    encoders = {"student": Encoder(student, r.features)}
     if r.teacher and not args.no_teacher:
         torch.manual_seed(recipe.run.seed)  # as the trainer builds it (a random teacher stays reproducible)
         teacher = get_registry().create("teachers", recipe.teacher, "teacher").to(device)
-        encoders["teacher"] = lambda x: pooled(teacher(x), r.features).float()
+        encoders["teacher"] = Encoder(teacher, r.features, role="teacher")
     results = evaluate_encoders(encoders, r, recipe.augment, device=device)
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "last.pt"
     report = {"checkpoint": str(checkpoint), "features": r.features}

@@ -78,6 +78,7 @@ def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
         ("maskers", "block"): {},
         ("evaluators", "knn"): {"k": 3},
         ("evaluators", "linear_probe"): {"max_iter": 20},
+        ("evaluators", "linear_dinov2"): {"n_last_blocks": 2, "lrs": [1e-2, 1e-1], "epochs": 5},
         ("loggers", "jsonl"): {},
         ("loggers", "tensorboard"): {},
     }
@@ -89,6 +90,18 @@ CASES = [(c.kind, c.name) for c in REGISTRY.components()]
 
 def test_every_component_has_a_smoke_case(tmp_path):
     assert set(CASES) == set(TABLES(tmp_path)), "add a tiny recipe table for each new component to TABLES"
+
+
+class _PixelEncoder:
+    """Raw pixels as an evaluator's encoder: the flattened image, or (for evaluators that read block outputs) as
+    many identical "blocks" as asked, each with the image as CLS and its pixels (RGB) as patch tokens."""
+
+    def __call__(self, images):
+        return images.flatten(1)
+
+    def intermediate_layers(self, images, n):
+        return [StudentOutput(cls=images.flatten(1), patches=images.flatten(2).transpose(1, 2), grid=images.shape[-2:])
+                for _ in range(n)]
 
 
 def _fake_outputs(b=3, n=16, ds=24, dt=32):
@@ -150,7 +163,7 @@ def test_component_smoke(kind, name, tmp_path):
         evaluator = REGISTRY.create(kind, table, "eval")
         source = REGISTRY.create("data_sources", {"plugin": "digits", "image_size": 8}, "data")
         tf = build_transform(TransformConfig(image_size=8), train=False)
-        out = evaluator.run(lambda x: x.flatten(1), source.build("train", tf), source.build("val", tf),
+        out = evaluator.run(_PixelEncoder(), source.build("train", tf), source.build("val", tf),
                             device=torch.device("cpu"), batch_size=128)
         top1 = [v for k, v in out.items() if k.endswith("_top1")]
         assert len(top1) == 1 and 50 < top1[0] <= 100, out  # raw pixels separate digits well

@@ -37,7 +37,7 @@ from kdforge.engine.distributed import DistInfo, all_reduce_flag, barrier, init_
 from kdforge.engine.optim import param_groups
 from kdforge.engine.signals import Preempted
 from kdforge.errors import CheckpointError, DataError, KdforgeError, RecipeError, ShapeError, TrainingDiverged
-from kdforge.eval import build_eval_sets, evaluate_encoders, pooled
+from kdforge.eval import Encoder, build_eval_sets, evaluate_encoders
 from kdforge.plugins import get_registry
 from kdforge.recipe import LOSS_TABLE_KEYS, Recipe, dump_toml, to_dict
 
@@ -564,9 +564,9 @@ class Trainer:
             return
         stopped = False
         if self.dist.is_main:
-            encoders = {"student": self._student_features}
+            encoders = {"student": self._student_encoder()}
             if r.teacher and not any(k.startswith("teacher_") for k in self.results):
-                encoders["teacher"] = lambda x: pooled(self.teacher(x), r.features)
+                encoders["teacher"] = Encoder(self.teacher, r.features, role="teacher")
             was_training = self.student.training
             self.student.eval()
             try:
@@ -584,9 +584,9 @@ class Trainer:
         if all_reduce_flag(stopped, self.dist):
             raise Preempted(f"SIGTERM during the {when} evaluation")
 
-    def _student_features(self, images: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return pooled(self.student(images), self.recipe.eval.features).float()
+    def _student_encoder(self) -> Encoder:
+        """The student as the evaluators see it: ``eval.features`` of its output, under the run's autocast."""
+        return Encoder(self.student, self.recipe.eval.features, autocast=self._autocast)
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

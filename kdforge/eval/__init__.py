@@ -1,21 +1,24 @@
-"""Evaluators: measure frozen features (kNN classifier, linear probe). Built-ins in :mod:`kdforge.eval.builtin`.
+"""Evaluators: measure frozen features (kNN classifier, linear probes). Built-ins in :mod:`kdforge.eval.builtin`.
 
 Contract: class attribute ``name``, a ``Config`` dataclass, ``__init__(cfg)`` and
 ``run(encoder, train_set, test_set, *, device, batch_size) -> dict[str, float]`` where ``encoder`` maps
 ``Tensor[B, 3, H, W]`` (float in [0, 1]) to ``Tensor[B, D]`` features and the datasets follow the
 :mod:`kdforge.data` item contract with labels. Metric names are prefixed by the evaluator (``knn_top1``).
+The engine and ``kdforge eval`` pass an :class:`Encoder`, which can also give the last blocks' tokens.
 
-An evaluator of frozen features (both built-ins) implements :meth:`Evaluator.evaluate` instead of ``run``: the base
+An evaluator of frozen features (all built-ins) implements :meth:`Evaluator.evaluate` instead of ``run``: the base
 class's ``run`` extracts the train and test features once and passes them on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, ClassVar
 
 import torch
 
+from kdforge.errors import KdforgeError
 from kdforge.eval.features import extract_features
 
 
@@ -59,6 +62,42 @@ class Evaluator:
         """Metrics of frozen features: float32 Tensor[N, D] and LongTensor[N] of the train set, Tensor[Q, D] and
         LongTensor[Q] of the test set, all on the CPU; ``device`` is where the evaluator may compute."""
         raise NotImplementedError
+
+
+class Encoder:
+    """What the engine and ``kdforge eval`` hand to the evaluators: a student or teacher (``model``) with the way
+    one vector per image is taken from it (``features``, the recipe's ``eval.features``).
+
+    ``encoder(images)`` maps Tensor[B, 3, H, W] in [0, 1] to float32 Tensor[B, D]; evaluators that read more than
+    one vector per image (linear_dinov2) call :meth:`intermediate_layers`. ``autocast``: a function returning the
+    context (e.g. the trainer's mixed precision) both run under; ``role`` names the model in messages.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], Any],
+        features: str = "cls",
+        *,
+        role: str = "student",
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
+        self.model, self.features, self.role, self.autocast = model, features, role, autocast
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return pooled(self.model(images), self.features).float()
+
+    def intermediate_layers(self, images: torch.Tensor, n: int) -> list[Any]:
+        """The model's ``intermediate_layers(images, n)``: its last n blocks' outputs (``.cls`` Tensor[B, D],
+        ``.patches`` Tensor[B, N, D]), oldest first, after the final norm. KdforgeError if the model has none."""
+        layers = getattr(self.model, "intermediate_layers", None)
+        if layers is None:
+            name = getattr(self.model, "model_name", type(self.model).__name__)
+            raise KdforgeError(
+                f"{self.role} {name} gives no per-block outputs (it has no intermediate_layers(images, n) method)"
+            )
+        with self.autocast():
+            return layers(images, n)
 
 
 def pooled(out: Any, how: str) -> torch.Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from kdforge.eval.knn import KnnEvaluator
 from kdforge.eval.linear import LinearProbeEvaluator
+from kdforge.eval.linear_dinov2 import DinoV2LinearEvaluator
 from kdforge.plugins import hookimpl
 
 
 @hookimpl
 def kdforge_register_evaluators() -> list[type]:
-    return [KnnEvaluator, LinearProbeEvaluator]
+    return [KnnEvaluator, LinearProbeEvaluator, DinoV2LinearEvaluator]

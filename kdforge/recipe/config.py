@@ -128,7 +128,7 @@ class EvalConfig:
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Labelled data source for evaluation (its train split is the kNN bank / probe train set, val the test set)."""
     evaluators: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    """Evaluators by label, each a table with `plugin` (knn, linear_probe, ...)."""
+    """Evaluators by label, each a table with `plugin` (knn, linear_probe, linear_dinov2, ...)."""
 
 
 @dataclasses.dataclass

@@ -8,6 +8,8 @@ Contract (every student, built-in or third-party)::
     out.patches  # Tensor[B, N, D]  after the final norm, N = gh * gw (no register tokens)
     out.grid     # (gh, gw)
     student.features(images) -> Tensor[B, D]    # the CLS token after the norm, for evaluation
+    student.intermediate_layers(images, n)      # optional: the last n blocks' StudentOutputs, oldest first,
+                                                # each after the final norm (the linear_dinov2 evaluator reads them)
 
 The student owns its input normalisation. Where ``mask`` (BoolTensor[B, N]) is True the patch embedding is
 replaced by a learnable mask token before the position embedding is added (iBOT / DINOv2).

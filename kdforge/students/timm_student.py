@@ -20,6 +20,7 @@ from kdforge.teachers import patch_grid
 from kdforge.teachers.timm_utils import (
     check_input_size,
     create_timm_model,
+    last_block_tokens,
     model_mean_std,
     model_patch_size,
     split_tokens,
@@ -236,15 +237,20 @@ class TimmStudent(Student):
             return tuple(int(v) for v in pe.dynamic_feat_size((h, w)))
         return patch_grid(self.model_name, "student", (h, w), self._patch_hw)
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> StudentOutput:
+    def _checked_grid(self, images: Tensor) -> tuple[int, int]:
+        """The patch grid of ``images`` Tensor[B, 3, H, W], after checking their type, shape and size."""
         check_images(images, f"student {self.model_name}")
         h, w = images.shape[-2:]
         check_input_size(self.model, h, w, role="student", model_name=self.model_name)
-        grid = self.grid((h, w))
+        return self.grid((h, w))
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> StudentOutput:
+        grid = self._checked_grid(images)
+        h, w = images.shape[-2:]
+        x = (images - self.mean) / self.std
         if mask is not None:
             check_mask(mask, images.shape[0], grid, f"student {self.model_name}")
             mask = mask.to(images.device)
-        x = (images - self.mean) / self.std
         self._pending_mask = mask
         try:
             y = self.model.forward_features(x)
@@ -252,3 +258,11 @@ class TimmStudent(Student):
             self._pending_mask = None
         cls, patches, grid = split_tokens(self.model, y, (h, w), model_name=self.model_name)
         return StudentOutput(cls=cls, patches=patches, grid=grid)
+
+    def intermediate_layers(self, images: Tensor, n: int) -> list[StudentOutput]:
+        """The last ``n`` blocks' outputs, oldest first, each after the final norm like :meth:`forward`'s (whose
+        output equals the last item): Tensor[B, 3, H, W] in [0, 1] -> n StudentOutputs. No mask."""
+        self._checked_grid(images)
+        x = (images - self.mean) / self.std
+        layers = last_block_tokens(self.model, x, n, role="student", model_name=self.model_name)
+        return [StudentOutput(cls=cls, patches=patches, grid=grid) for cls, patches, grid in layers]

@@ -8,6 +8,8 @@ Contract (every teacher, built-in or third-party)::
     out.patches  # Tensor[B, N, D]  patch tokens after the final norm, N = gh * gw, no register tokens
     out.grid     # (gh, gw)
     out.hidden   # list of Tensor[B, 1 + N, D] (CLS then patches) for the last `hidden_layers` blocks, or None
+    teacher.intermediate_layers(images, n)  # optional (timm ViT teachers): the last n blocks' TeacherOutputs,
+                                            # oldest first, after the final norm (for the linear_dinov2 evaluator)
 
 The base class owns what every teacher must do the same way (timm's ``task/distillation.py`` habit): input
 normalisation with the model's mean/std, eval mode that ``.train()`` cannot undo, no gradients, inference mode,
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -123,17 +125,23 @@ class Teacher(nn.Module):
 
     def forward(self, images: Tensor) -> TeacherOutput:
         """Tensor[B, 3, H, W] float in [0, 1] -> :class:`TeacherOutput` (float32, ordinary tensors)."""
-        check_images(images, f"teacher {self.model_name}")
-        with torch.inference_mode():
-            x = (images.to(self.mean.dtype) - self.mean) / self.std
-            with autocast_context(images.device.type, self.cfg.autocast):
-                out = self.encode(x)
+        out = self.run_frozen(self.encode, images)
         return TeacherOutput(
             cls=to_plain_float(out.cls),
             patches=to_plain_float(out.patches),
             grid=tuple(out.grid),
             hidden=None if out.hidden is None else [to_plain_float(h) for h in out.hidden],
         )
+
+    def run_frozen(self, encode: Callable[[Tensor], Any], images: Tensor) -> Any:
+        """``encode(normalised images)`` the way every teacher pass runs: images checked, normalised with the
+        model's mean/std, under inference mode and the teacher's autocast. Outputs are inference tensors in any
+        dtype: convert them with :func:`to_plain_float` (as :meth:`forward` does) after this returns."""
+        check_images(images, f"teacher {self.model_name}")
+        with torch.inference_mode():
+            x = (images.to(self.mean.dtype) - self.mean) / self.std
+            with autocast_context(images.device.type, self.cfg.autocast):
+                return encode(x)
 
     def encode(self, x: Tensor) -> TeacherOutput:
         """Normalised Tensor[B, 3, H, W] -> TeacherOutput (any dtype). Runs under inference mode and autocast."""

@@ -12,11 +12,12 @@ from torch import Tensor, nn
 
 from kdforge.errors import KdforgeError
 from kdforge.ranges import ColourStd
-from kdforge.teachers import Teacher, TeacherOutput, patch_grid
+from kdforge.teachers import Teacher, TeacherOutput, patch_grid, to_plain_float
 from kdforge.teachers.checkpoint import load_into, read_state_dict
 from kdforge.teachers.timm_utils import (
     check_input_size,
     create_timm_model,
+    last_block_tokens,
     model_mean_std,
     model_patch_size,
     norm_after_pool,
@@ -113,6 +114,17 @@ class TimmBackedTeacher(Teacher):
             tokens = torch.cat([first, spatial], dim=1)
             hidden.append(fc_norm(tokens) if fc_norm is not None else tokens)  # the norm forward_intermediates skips
         return TeacherOutput(cls=cls, patches=patches, grid=grid, hidden=hidden)
+
+    def intermediate_layers(self, images: Tensor, n: int) -> list[TeacherOutput]:
+        """The last ``n`` blocks' outputs, oldest first, each after the final norm (the last equals :meth:`forward`'s
+        cls and patches): Tensor[B, 3, H, W] in [0, 1] -> n float32 TeacherOutputs without ``hidden``. ViTs only."""
+
+        def encode(x: Tensor) -> list:
+            check_input_size(self.model, *x.shape[-2:], role="teacher", model_name=self.model_name)
+            return last_block_tokens(self.model, x, n, role="teacher", model_name=self.model_name)
+
+        layers = self.run_frozen(encode, images)
+        return [TeacherOutput(cls=to_plain_float(c), patches=to_plain_float(p), grid=tuple(g)) for c, p, g in layers]
 
 
 class TimmTeacher(TimmBackedTeacher):

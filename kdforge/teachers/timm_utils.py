@@ -21,6 +21,7 @@ __all__ = [
     "check_input_size",
     "split_tokens",
     "pool_patches",
+    "last_block_tokens",
 ]
 
 
@@ -153,6 +154,35 @@ def pool_patches(model: nn.Module, patches: Tensor) -> Tensor:
     if pool == "avgmax":
         return 0.5 * (patches.mean(dim=1) + patches.amax(dim=1))
     return patches.mean(dim=1)
+
+
+def last_block_tokens(model: nn.Module, x: Tensor, n: int, *, role: str, model_name: str):
+    """The outputs of the last ``n`` blocks of a timm ViT on normalised images ``x`` Tensor[B, 3, H, W], each after
+    the final norm and split like :func:`split_tokens` (CLS, or the model's own pooling without one; patches without
+    registers): a list of (cls Tensor[B, D], patches Tensor[B, N, D], (gh, gw)), oldest block first, so that the
+    last item equals the split of ``forward_features``. One pass through timm's ``forward_intermediates``.
+
+    Raises KdforgeError, naming ``role`` and ``model_name``, for models without token blocks (CNNs, Swin) or with
+    fewer than ``n`` blocks.
+    """
+    depth = len(getattr(model, "blocks", None) or ())
+    token_model = hasattr(model, "num_prefix_tokens") and model_patch_size(model) is not None
+    if not (hasattr(model, "forward_intermediates") and depth and token_model):
+        raise KdforgeError(
+            f"{role} {model_name} gives no per-block tokens: that needs a timm vision transformer (blocks, "
+            "num_prefix_tokens, forward_intermediates), not a CNN or a hierarchical model"
+        )
+    if not 1 <= n <= depth:
+        raise KdforgeError(f"{role} {model_name} has {depth} block(s): cannot take the last {n}")
+    layers = model.forward_intermediates(
+        x, indices=n, return_prefix_tokens=True, norm=True, output_fmt="NLC", intermediates_only=True
+    )
+    out = []
+    for item in layers:
+        spatial, prefix = item if isinstance(item, tuple) else (item, None)
+        tokens = spatial if prefix is None else torch.cat([prefix, spatial], dim=1)
+        out.append(split_tokens(model, tokens, tuple(x.shape[-2:]), model_name=model_name))
+    return out
 
 
 @torch.no_grad()

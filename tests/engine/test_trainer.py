@@ -253,7 +253,7 @@ def test_evaluation_features_are_the_cls_or_the_mean_patch_token(tmp_path, featu
     trainer = Trainer(recipe, tmp_path, show_progress=False)
     images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        student_out, got = trainer.student(images), trainer._student_features(images)
+        student_out, got = trainer.student(images), trainer._student_encoder()(images)
     expected = student_out.cls if features == "cls" else student_out.patches.mean(dim=1)
     torch.testing.assert_close(got, expected)
     seen = []

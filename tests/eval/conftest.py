@@ -17,3 +17,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    """A registry holding only the built-in evaluators (registered through their hook, as the engine does)."""
+    import pluggy
+
+    from kdforge import hookspecs
+    from kdforge.eval import builtin
+    from kdforge.plugins import Registry
+
+    pm = pluggy.PluginManager("kdforge")
+    pm.add_hookspecs(hookspecs)
+    pm.register(builtin, name="kdforge.eval.builtin")
+    return Registry(pm, {}, [])

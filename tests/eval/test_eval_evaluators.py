@@ -2,28 +2,17 @@
 
 import dataclasses
 
-import pluggy
 import pytest
 import torch
 
-from kdforge import hookspecs
 from kdforge.data import Skipped
 from kdforge.data.procedural import ProceduralSource
 from kdforge.errors import ShapeError
-from kdforge.eval import Evaluator, builtin
+from kdforge.eval import Evaluator
 from kdforge.eval.features import extract_features
-from kdforge.plugins import Registry
 from kdforge.recipe.schema import field_docs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def registry():
-    pm = pluggy.PluginManager("kdforge")
-    pm.add_hookspecs(hookspecs)
-    pm.register(builtin, name="kdforge.eval.builtin")
-    return Registry(pm, {}, [])
 
 
 class _Items(torch.utils.data.Dataset):
@@ -78,7 +67,7 @@ def test_encoder_with_the_wrong_output_shape_is_explained():
 
 
 def test_builtin_evaluators_are_registered_with_documented_configs(registry):
-    assert registry.names("evaluators") == ["knn", "linear_probe"]
+    assert registry.names("evaluators") == ["knn", "linear_dinov2", "linear_probe"]
     for comp in registry.components("evaluators"):
         assert issubclass(comp.cls, Evaluator)
         docs = field_docs(comp.cls.Config)

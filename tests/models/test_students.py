@@ -49,6 +49,29 @@ def test_student_output_contract(kwargs, prefix):
     assert out.patches.requires_grad  # a student trains
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"reg_tokens": 2}, {"class_token": False, "global_pool": "avg"}], ids=["cls+registers", "no-cls"]
+)
+def test_intermediate_layers_are_the_last_blocks_and_end_with_the_forward_output(kwargs):
+    s = _student(model_kwargs={**TINY_VIT, "depth": 3, **kwargs}).eval()
+    x = _images()
+    out, layers = s(x), s.intermediate_layers(x, 3)
+    assert len(layers) == 3 and all(isinstance(o, StudentOutput) and o.patches.shape == (3, 16, 32) for o in layers)
+    torch.testing.assert_close(layers[-1].cls, out.cls)
+    torch.testing.assert_close(layers[-1].patches, out.patches)
+    # the first of three is block 1 through the final norm (registers and the CLS split off as in forward)
+    m = s.model
+    first = m.blocks[0](m.norm_pre(m._pos_embed(m.patch_embed((x - s.mean) / s.std))))
+    prefix = m.num_prefix_tokens
+    if prefix:
+        torch.testing.assert_close(layers[0].cls, m.norm(first)[:, 0])
+        torch.testing.assert_close(layers[0].patches, m.norm(first)[:, prefix:])
+    else:  # fc_norm after the pooling, as in forward
+        torch.testing.assert_close(layers[0].cls, m.fc_norm(first.mean(dim=1)))
+    with pytest.raises(KdforgeError, match="has 3 block.*last 4"):
+        s.intermediate_layers(x, 4)
+
+
 def _manual_masked_forward(s: TimmStudent, x, mask):
     """What masking must mean: patch embeddings replaced by the mask token, then position embedding, blocks, norm."""
     m = s.model

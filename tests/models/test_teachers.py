@@ -140,6 +140,25 @@ def test_hidden_layers_are_the_last_blocks_with_cls_first():
         _timm_teacher(hidden_layers=4, model_kwargs={**TINY_VIT, "depth": 3})
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"reg_tokens": 2}, {"class_token": False, "global_pool": "avg"}], ids=["cls+registers", "no-cls"]
+)
+def test_intermediate_layers_end_with_the_final_output_and_are_plain_float32(kwargs):
+    """What the linear_dinov2 evaluator reads: the last n blocks, oldest first, normed and split like forward's."""
+    t = _timm_teacher(model_kwargs={**TINY_VIT, "depth": 3, **kwargs})
+    x = _images()
+    out, layers = t(x), t.intermediate_layers(x, 2)
+    assert len(layers) == 2 and all(isinstance(o, TeacherOutput) and o.grid == (4, 4) for o in layers)
+    assert all(not o.cls.is_inference() and o.cls.dtype == torch.float32 for o in layers)
+    torch.testing.assert_close(layers[-1].cls, out.cls)
+    torch.testing.assert_close(layers[-1].patches, out.patches)
+    assert not torch.allclose(layers[0].cls, out.cls, atol=1e-3)  # an earlier block
+    with pytest.raises(KdforgeError, match="has 3 block.*last 4"):
+        t.intermediate_layers(x, 4)
+    with pytest.raises(KdforgeError, match="resnet18 gives no per-block tokens"):
+        _timm_teacher(model="resnet18", model_kwargs={}).intermediate_layers(_images(1, 64), 1)
+
+
 def test_cnn_teacher_gives_its_feature_map_as_patches():
     t = _timm_teacher(model="resnet18", model_kwargs={})
     out = t(_images(2, 64))
