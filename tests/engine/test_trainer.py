@@ -336,3 +336,33 @@ def test_train_loop_reads_repeated_augmentation_copies(tmp_path):
     idx = batch["index"].tolist()
     assert idx[0] == idx[1] == idx[2] and idx[3] == idx[4] == idx[5]  # one process: the copies are consecutive
     assert not torch.equal(batch["image"][0], batch["image"][1])  # ... under different augmentations
+
+
+@pytest.mark.parametrize("recipe", ["proteus.toml", "fd.toml"])
+def test_weight_decay_groups_of_the_shipped_smoke_recipes(tmp_path, recipe):
+    # By parameter identity, never by name substrings: the loss heads' weights are decayed; Proteus (as released)
+    # exempts only 1-D parameters and biases; FD exempts the class token too (and the unused mask token) but decays
+    # its shared relative position bias.
+    from kdforge.engine.optim import weight_decay_split
+
+    r = load_recipe(REPO / "plugins" / recipe, profile="smoke", overrides=["eval.before=false"])
+    trainer = Trainer(r, tmp_path, show_progress=False)
+    model = trainer.model
+    decay, no_decay = weight_decay_split(model, r.optim.decay_also)
+    print(f"{recipe} decayed: {decay}\n{recipe} not decayed: {no_decay}")
+    params = dict(model.named_parameters())
+    plain_rule = {n for n, p in params.items() if p.ndim <= 1 or n.endswith(".bias")}
+    expected = plain_rule if recipe == "proteus.toml" else plain_rule | {"student.model.cls_token", "student.mask_token"}
+    assert set(no_decay) == expected
+    assert set(decay) == set(params) - expected
+    heads = [n for n in params if n.startswith("losses.") and params[n].ndim >= 2]
+    assert heads and all(n in decay for n in heads)  # e.g. losses.token.head.linear.weight
+    if recipe == "fd.toml":
+        assert "student.rel_pos_bias.table" in decay
+    else:
+        assert {"student.mask_token", "student.model.cls_token", "student.model.pos_embed"} <= set(decay)
+    # the optimizer holds exactly these groups
+    (g_decay, g_none) = trainer.optimizer.param_groups
+    assert [id(p) for p in g_decay["params"]] == [id(params[n]) for n in decay]
+    assert [id(p) for p in g_none["params"]] == [id(params[n]) for n in no_decay]
+    assert g_decay["weight_decay"] == r.optim.weight_decay and g_none["weight_decay"] == 0.0
