@@ -331,7 +331,8 @@ def test_repeated_augmentation_gives_consecutive_ranks_the_same_image_under_othe
 
 
 def test_train_loop_reads_repeated_augmentation_copies(tmp_path):
-    trainer = _trainer(tmp_path, "train.repeated_aug=3")
+    trainer = _trainer(tmp_path, "train.repeated_aug=3", "augment.auto_augment='rand-m9-mstd0.5-inc1'",
+                       "augment.re_prob=0.25")  # the DeiT pipeline through the engine
     batch = next(iter(trainer._loader()))
     idx = batch["index"].tolist()
     assert idx[0] == idx[1] == idx[2] and idx[3] == idx[4] == idx[5]  # one process: the copies are consecutive
