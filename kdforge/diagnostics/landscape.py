@@ -2,15 +2,15 @@
 "Visualizing the Loss Landscape of Neural Nets").
 
 Two random directions ``d1``, ``d2`` in the space of the student's parameters are drawn from a standard Gaussian
-(one seeded generator, on the CPU, d1 then d2, parameter after parameter in ``named_parameters`` order, so the same seed gives
-the same directions on any device) and **filter-normalised**: every filter of a direction (a row along its first
-dimension: an output channel of a convolution, an output row of a linear layer, a row of the relative position
-bias table) is rescaled to the norm of the same filter of the weights, so that a step of 1 moves every filter by
-its own size and landscapes of differently scaled models compare. Parameters with one dimension or none (biases,
-LayerNorm scales and shifts) get a zero direction and keep their trained values: Li et al.'s ``ignore="biasbn"``,
-the setting of their published plots. Only the student's trainable parameters move; the loss modules' own
-parameters (FD's 1x1 projection, Proteus' heads) stay at their trained values, as they are part of the objective
-rather than of the representation being judged.
+(one seeded generator on the CPU, d1 then d2, parameter after parameter in ``named_parameters`` order, so the same
+seed gives the same directions on any device) and **filter-normalised**: every filter of a direction (a row along
+its first dimension: an output channel of a convolution, an output row of a linear layer, a row of the relative
+position bias table) is rescaled to the norm of the same filter of the weights, so that a step of 1 moves every
+filter by its own size and landscapes of differently scaled models compare. Parameters with one dimension or none
+(biases, LayerNorm scales and shifts) get a zero direction and keep their trained values, as Li et al. do (their
+code's ``ignore="biasbn"``). Only the student's trainable parameters move; the loss modules' own parameters (FD's
+1x1 projection, Proteus' heads) stay at their trained values, as they are part of the objective rather than of the
+representation being judged.
 
 The loss at grid point (alpha, beta) is the run's own training objective, the weighted sum of the recipe's
 ``[losses]`` built by :func:`kdforge.engine.trainer.build_objective` exactly as the trainer builds it, with the
