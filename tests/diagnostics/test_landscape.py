@@ -255,15 +255,15 @@ def test_fd_smoke_run_landscape(fd_smoke_run, tmp_path):
     digest = _sha(fd_smoke_run / "last.pt")
     t0 = time.perf_counter()
     res = kdforge("diagnose", "landscape", fd_smoke_run, "--grid", 5, "--batches", 1, "--no-progress",
-                  "--max-seconds", 45, "--out", tmp_path / "landscape.png")
+                  "--max-seconds", 120, "--out", tmp_path / "landscape.png")
     wall = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "landscape.json").read_text())
     summary = {k: report[k] for k in ("grid", "evaluated", "centre_loss", "min_loss", "max_loss", "wall_seconds",
                                       "seconds_per_point", "note")}
     print(f"FD smoke landscape, step {report['step']} ({wall:.1f} s with start-up): {summary}")
-    # Seconds on an idle CPU (0.1 s a point); the budget holds however busy the machine is.
-    assert report["wall_seconds"] <= 45 and report["step"] > 0
+    # Seconds on an idle CPU; the budget (which bounds the time, not the grid) holds however busy the machine is.
+    assert report["wall_seconds"] <= 120 and report["step"] > 0
     assert list(report["objective"]) == ["feature"] and report["settings"]["precision"] == "fp32"
     # A trained run sits in a valley of its own objective: every neighbour of the centre costs loss.
     n, loss = report["grid"], report["loss"]
