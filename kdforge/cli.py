@@ -1,4 +1,4 @@
-"""``kdforge`` command line: train, eval, diagnose (curves, attention), plugins, info.
+"""``kdforge`` command line: train, eval, diagnose (curves, attention, landscape), plugins, info.
 
 Every user error (bad recipe, missing data, mismatched shapes) prints one message and exits with code 2.
 """
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="build the run's recipe even if it runs code from outside kdforge (a torch.hub repository, "
                     "a pickled checkpoint, pipe: shell commands): only for run directories whose origin you trust")
     ev.add_argument("--out", metavar="PATH", help="JSON to write (default: RUN_DIR/eval_<checkpoint name>.json)")
-    diagnose = sub.add_parser("diagnose", help="look into a run: training curves, attention")
+    diagnose = sub.add_parser("diagnose", help="look into a run: training curves, attention, loss landscape")
     diagnostics = diagnose.add_subparsers(dest="diagnostic", required=True)
     curves = diagnostics.add_parser("curves", help="plot loss terms, lr, throughput and evaluations against the step")
     curves.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding metrics.jsonl (or the file itself)")
@@ -58,6 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--out", metavar="PATH", help="image to write (default: RUN_DIR/attention.png; the JSON goes "
                       "beside it)")
     attn.add_argument("--trust-recipe", action="store_true",
+                      help="build the run's recipe even if it runs code from outside kdforge (see kdforge eval -h)")
+    land = diagnostics.add_parser("landscape", help="the run's distillation loss around its final weights along two "
+                                  "filter-normalised random directions (papers/004, Li et al. 2018) -> "
+                                  "landscape.png/.json")
+    land.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding recipe.toml and last.pt")
+    land.add_argument("--checkpoint", metavar="PATH", help="weights to start from (default: RUN_DIR/last.pt)")
+    land.add_argument("--grid", type=int, default=21, metavar="N", help="N x N points, N odd (21)")
+    land.add_argument("--range", dest="radius", type=float, default=1.0, metavar="R",
+                      help="alpha and beta span [-R, R], in filter-normalised units (1.0)")
+    land.add_argument("--batches", type=int, default=4, metavar="B",
+                      help="fixed training batches (of train.batch_size, evaluation transform) the loss averages (4)")
+    land.add_argument("--seed", type=int, default=0, help="seed of the directions, the batches and the masks (0)")
+    land.add_argument("--max-seconds", type=float, default=600.0, metavar="S",
+                      help="time budget (600): the grid shrinks to fit after the first point, and the evaluation "
+                      "stops with what is done when it runs out")
+    land.add_argument("--out", metavar="PATH", help="image to write (default: RUN_DIR/landscape.png; the JSON goes "
+                      "beside it)")
+    land.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    land.add_argument("--trust-recipe", action="store_true",
                       help="build the run's recipe even if it runs code from outside kdforge (see kdforge eval -h)")
     plugins = sub.add_parser("plugins", help="list every registered component with its kind and origin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -150,6 +169,18 @@ def diagnose_attention(args) -> str:
     return f"attention: {image} and {json_path}"
 
 
+def diagnose_landscape(args) -> str:
+    from kdforge.diagnostics.landscape import landscape_run
+
+    json_path, image, land = landscape_run(
+        args.run_dir, checkpoint=args.checkpoint, grid=args.grid, radius=args.radius, batches=args.batches,
+        seed=args.seed, max_seconds=args.max_seconds, out=args.out, show_progress=not args.no_progress,
+        trust=args.trust_recipe)
+    done = "" if land.complete else f", {int(land.evaluated.sum())} evaluated"
+    return (f"landscape: {image} and {json_path} ({len(land.alphas)} x {len(land.alphas)} points{done}, centre loss "
+            f"{land.centre_loss:.6g}, {land.seconds:.1f} s)")
+
+
 def diagnose_curves(args) -> str:
     from kdforge.diagnostics.curves import plot_curves
 
@@ -157,7 +188,8 @@ def diagnose_curves(args) -> str:
 
 
 def cmd_diagnose(args) -> int:
-    handler = {"curves": diagnose_curves, "attention": diagnose_attention}[args.diagnostic]
+    handler = {"curves": diagnose_curves, "attention": diagnose_attention,
+               "landscape": diagnose_landscape}[args.diagnostic]
     # A diagnostic that works around damage (a half-written line) warns: say so as the rest of the CLI speaks.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -41,7 +41,8 @@ from kdforge.eval import Encoder, build_eval_sets, evaluate_encoders
 from kdforge.plugins import get_registry
 from kdforge.recipe import LOSS_TABLE_KEYS, Recipe, dump_toml, to_dict
 
-__all__ = ["DistillModule", "EpochSampler", "Preempted", "SeededItems", "Trainer", "cosine_lr"]
+__all__ = ["DistillModule", "EpochSampler", "Objective", "Preempted", "SeededItems", "Trainer", "build_objective",
+           "cosine_lr"]
 
 
 class DistillModule(nn.Module):
@@ -83,6 +84,76 @@ class DistillModule(nn.Module):
             terms[label] = value.detach()
             total = total + self.weights[label] * value.float()
         return total, terms
+
+
+@dataclasses.dataclass
+class Objective:
+    """What a recipe trains against: the frozen teacher, the student with the losses (:class:`DistillModule`), the
+    masker, and how the teacher's output and the precision are prepared. Built by :func:`build_objective`, shared
+    by the :class:`Trainer` and the diagnostics that evaluate a run's loss (:mod:`kdforge.diagnostics.landscape`)."""
+
+    teacher: nn.Module
+    model: DistillModule
+    masker: nn.Module | None
+    grid: tuple[int, int]
+    """The student's patch grid at ``augment.image_size``."""
+    teacher_grid: tuple[int, int]
+    autocast_dtype: torch.dtype | None
+    """bf16 or fp16 from ``train.precision``; None: float32."""
+    device: torch.device
+
+    def teacher_forward(self, images: torch.Tensor):
+        """The teacher's output for ``images`` (frozen: eval mode, inference mode and autocast live in the teacher),
+        its patches resized to the student's grid where ``train.resize_teacher_grid`` asks for it."""
+        teacher_out = self.teacher(images)
+        if self.teacher_grid != tuple(self.grid):  # train.resize_teacher_grid (checked when built): once per batch
+            from kdforge.students import resize_patches
+
+            teacher_out = dataclasses.replace(
+                teacher_out, patches=resize_patches(teacher_out.patches, self.teacher_grid, self.grid), grid=self.grid)
+        return teacher_out
+
+    def autocast(self):
+        """The recipe's training precision as an autocast context (a no-op for fp32)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+
+def build_objective(recipe: Recipe, device: torch.device) -> Objective:
+    """Teacher, student, masker and losses of ``recipe`` on ``device``, the student initialised from
+    ``run.seed`` (as every run of the recipe starts); raises :class:`RecipeError` / :class:`ShapeError` when they do
+    not fit together (a masked-view loss without a masker, patch grids that differ)."""
+    r = recipe
+    registry = get_registry()
+    torch.manual_seed(r.run.seed)  # a randomly initialised teacher (tests, ablations) must be reproducible
+    teacher = registry.create("teachers", r.teacher, "teacher").to(device)
+    torch.manual_seed(r.run.seed)  # the student's init must not depend on whether the teacher came from a cache
+    student = registry.create("students", r.student, "student").to(device)
+    masker = registry.create("maskers", r.masker, "masker") if r.masker else None
+
+    losses, weights = {}, {}
+    for label, table in r.losses.items():
+        table = {k: v for k, v in table.items() if k not in LOSS_TABLE_KEYS}
+        weights[label] = float(r.losses[label].get("weight", 1.0))
+        losses[label] = registry.create(
+            "losses", table, f"losses.{label}", student_dim=student.embed_dim, teacher_dim=teacher.embed_dim,
+        )
+    for label, loss in losses.items():
+        loss.bind(losses, f"losses.{label}")
+    masked = [k for k, l in losses.items() if l.view == "masked"]
+    if masked and masker is None:
+        raise RecipeError(f"losses.{masked[0]} ({r.losses[masked[0]]['plugin']}) trains on the masked view but the "
+                          "recipe has no [masker] table: add [masker] plugin = \"random\" (or \"block\")")
+    size = (r.augment.image_size, r.augment.image_size)
+    if any(l.needs_patches for l in losses.values()):
+        from kdforge.students import check_grids
+
+        check_grids(teacher, student, size, resize=r.train.resize_teacher_grid)
+    return Objective(
+        teacher=teacher, model=DistillModule(student, losses, weights).to(device), masker=masker,
+        grid=student.grid(size), teacher_grid=tuple(teacher.grid(size)),
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.train.precision), device=device,
+    )
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -195,35 +266,9 @@ class Trainer:
                 f"(train.batch_size = {r.train.batch_size}): lower train.batch_size or add data"
             )
 
-        torch.manual_seed(r.run.seed)  # a randomly initialised teacher (tests, ablations) must be reproducible
-        self.teacher = registry.create("teachers", r.teacher, "teacher").to(self.device)
-        torch.manual_seed(r.run.seed)  # the student's init must not depend on whether the teacher came from a cache
-        self.student = registry.create("students", r.student, "student").to(self.device)
-        self.masker = registry.create("maskers", r.masker, "masker") if r.masker else None
-
-        losses, weights = {}, {}
-        for label, table in r.losses.items():
-            table = {k: v for k, v in table.items() if k not in LOSS_TABLE_KEYS}
-            weights[label] = float(r.losses[label].get("weight", 1.0))
-            losses[label] = registry.create(
-                "losses", table, f"losses.{label}",
-                student_dim=self.student.embed_dim, teacher_dim=self.teacher.embed_dim,
-            )
-        for label, loss in losses.items():
-            loss.bind(losses, f"losses.{label}")
-        needs_patches = any(l.needs_patches for l in losses.values())
-        masked = [k for k, l in losses.items() if l.view == "masked"]
-        if masked and self.masker is None:
-            raise RecipeError(f"losses.{masked[0]} ({r.losses[masked[0]]['plugin']}) trains on the masked view but the "
-                              "recipe has no [masker] table: add [masker] plugin = \"random\" (or \"block\")")
-        size = (r.augment.image_size, r.augment.image_size)
-        self.grid = self.student.grid(size)
-        self.teacher_grid = tuple(self.teacher.grid(size))
-        if needs_patches:
-            from kdforge.students import check_grids
-
-            check_grids(self.teacher, self.student, size, resize=r.train.resize_teacher_grid)
-        self.model = DistillModule(self.student, losses, weights).to(self.device)
+        self.objective = build_objective(r, self.device)
+        self.teacher, self.model, self.masker = self.objective.teacher, self.objective.model, self.objective.masker
+        self.student, self.grid = self.model.student, self.objective.grid
 
         self.batches_per_epoch = per_rank // r.train.batch_size
         if self.batches_per_epoch < r.train.accum_steps:
@@ -243,7 +288,6 @@ class Trainer:
             betas=tuple(r.optim.betas),
             fused=self.device.type == "cuda",
         )
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.train.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=r.train.precision == "fp16")
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
@@ -321,8 +365,7 @@ class Trainer:
                 self.model.train(was_training)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+        return self.objective.autocast()
 
     def _loader(self) -> Iterator[dict]:
         """This epoch's batches from the current position (``self.epoch``, ``self.batch_in_epoch``)."""
@@ -516,13 +559,7 @@ class Trainer:
         return metrics
 
     def _teacher_forward(self, images: torch.Tensor):
-        teacher_out = self.teacher(images)  # frozen: eval mode, inference mode and autocast live in the teacher
-        if self.teacher_grid != tuple(self.grid):  # train.resize_teacher_grid (checked at start-up): once per batch
-            from kdforge.students import resize_patches
-
-            teacher_out = dataclasses.replace(
-                teacher_out, patches=resize_patches(teacher_out.patches, self.teacher_grid, self.grid), grid=self.grid)
-        return teacher_out
+        return self.objective.teacher_forward(images)
 
     def forward_backward(self, batch: dict, *, micro_index: int = 0, scale: float = 1.0) -> tuple[float, dict]:
         images = batch["image"].to(self.device, non_blocking=True)
