@@ -124,7 +124,7 @@ def cmd_eval(args) -> int:
     device = pick_device(recipe.run.device)
     student.to(device)
     encoders = {"student": lambda x: pooled(student(x), r.features).float()}
-    if r.teacher and not args.no_teacher:
+    if r.teacher and recipe.teacher and not args.no_teacher:
         torch.manual_seed(recipe.run.seed)  # as the trainer builds it (a random teacher stays reproducible)
         teacher = get_registry().create("teachers", recipe.teacher, "teacher").to(device)
         encoders["teacher"] = lambda x: pooled(teacher(x), r.features).float()

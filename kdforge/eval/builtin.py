@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kdforge.eval.classifier import ClassifierEvaluator
 from kdforge.eval.knn import KnnEvaluator
 from kdforge.eval.linear import LinearProbeEvaluator
 from kdforge.plugins import hookimpl
@@ -9,4 +10,4 @@ from kdforge.plugins import hookimpl
 
 @hookimpl
 def kdforge_register_evaluators() -> list[type]:
-    return [KnnEvaluator, LinearProbeEvaluator]
+    return [ClassifierEvaluator, KnnEvaluator, LinearProbeEvaluator]
