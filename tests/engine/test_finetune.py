@@ -108,7 +108,7 @@ def test_mixup_and_cutmix_are_applied_and_reproducible():
     assert np.array_equal(np.random.get_state()[1], numpy_state)  # numpy's global generator is left alone
 
 
-def test_engine_mixes_the_batch_before_the_forward(tmp_path):
+def test_engine_mixes_the_batch_before_the_forward_and_scales_lr_per_layer(tmp_path):
     trainer = Trainer(load_recipe(TINY_FT), tmp_path / "run", show_progress=False)
     seen = {}
 
@@ -127,6 +127,12 @@ def test_engine_mixes_the_batch_before_the_forward(tmp_path):
     assert not torch.equal(seen["images"], x)
     assert torch.equal(seen["images"], expected) and torch.equal(seen["target"], target)
     assert seen["teacher_out"] is None and trainer.teacher is None  # no teacher: no teacher forward
+    # a step sets each group's lr to the scheduled lr times the group's layer scale (optim.layer_decay = 0.6)
+    metrics = trainer.train_step([batch])
+    lrs = {(g["lr_scale"], g["lr"]) for g in trainer.optimizer.param_groups}
+    assert {scale for scale, _ in lrs} == {0.6**2, 0.6, 1.0}  # depth 1: embeddings, block 0, the rest
+    for scale, lr in lrs:
+        assert lr == pytest.approx(metrics["lr"] * scale)
 
 
 # ----------------------------------------------------------------------------------------------- label smoothing
