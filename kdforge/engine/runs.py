@@ -187,7 +187,8 @@ def check_resume(state: dict, recipe: Recipe, *, path: Path, world_size: int, al
         diffs.append(("processes (world size)", saved_world, world_size, "model"))
     blocking = [d for d in diffs if d[3] == "model" or (d[3] == "schedule" and not allow_changes)]
     if blocking:
-        why = {"model": "changes the models, their shapes, the data or the optimizer's groups: cannot continue this run",
+        why = {"model": "changes the models, their shapes, the data or the optimizer's groups: cannot continue this "
+                        "run",
                "schedule": "changes the schedule: allowed with --allow-changes"}
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}  ({why[kind]})" for k, a, b, kind in diffs if kind != "free")
         raise CheckpointError(

@@ -1,7 +1,9 @@
-"""The distillation loop. Reads top-down: ``fit`` -> ``train_step`` -> ``forward_backward``.
+"""The training loop of distillation and supervised stages alike. Reads top-down: ``fit`` -> ``train_step`` ->
+``forward_backward``.
 
 One teacher forward per batch is shared by every loss, and teacher and student see the same augmented view (the
-student's copy may have masked patches). Checkpoints are atomic and a resumed run continues exactly: model,
+student's copy may have masked patches; Mixup / CutMix, when set, mix the batch before either forward). A recipe
+whose losses read no teacher (supervised stages: fine-tuning) has none, and no teacher forward runs. Checkpoints are atomic and a resumed run continues exactly: model,
 optimizer, schedule, grad scaler, RNG state and data position are restored, and augmentation and masks are
 seeded per (epoch, item) and per step, so they do not depend on how the run was split.
 
@@ -37,7 +39,6 @@ from kdforge.engine.signals import Preempted
 from kdforge.errors import CheckpointError, DataError, KdforgeError, RecipeError, ShapeError, TrainingDiverged
 from kdforge.eval import build_eval_sets, evaluate_encoders, pooled
 from kdforge.plugins import get_registry
-from kdforge.data.transforms import BatchMix
 from kdforge.recipe import LOSS_TABLE_KEYS, STUDENT_TABLE_KEYS, Recipe, dump_toml, plugin_table, to_dict
 
 __all__ = ["DistillModule", "EpochSampler", "Preempted", "SeededItems", "Trainer", "cosine_lr"]
@@ -162,7 +163,7 @@ class Trainer:
             runs.check_run_dir(self.run_dir, fresh=self.resume_path is None)
 
         # Data first: a missing data root is the most common mistake and must fail before any model is built.
-        from kdforge.data.transforms import build_transform
+        from kdforge.data.transforms import BatchMix, build_transform
 
         self.source = registry.create("data_sources", r.data, "data")
         self.dataset = self.source.build("train", build_transform(r.augment, train=True))
@@ -184,14 +185,15 @@ class Trainer:
             torch.manual_seed(r.run.seed)  # a randomly initialised teacher (tests, ablations) must be reproducible
             self.teacher = registry.create("teachers", r.teacher, "teacher").to(self.device)
         torch.manual_seed(r.run.seed)  # the student's init must not depend on whether the teacher came from a cache
-        self.student = registry.create("students", plugin_table(r.student, STUDENT_TABLE_KEYS), "student").to(self.device)
+        self.student = registry.create("students", plugin_table(r.student, STUDENT_TABLE_KEYS), "student")
+        self.student.to(self.device)
         self.init_from = runs.init_source(r.student.get("init_from", ""))
         if self.init_from is not None and self._resume_state is None:  # a resume has the student's weights already
             runs.init_student(self.student, self.init_from)
         self.masker = registry.create("maskers", r.masker, "masker") if r.masker else None
 
         # Labelled data: what supervised losses and batch mixing need (None: the source does not know its classes).
-        self.num_classes = getattr(self.source, "num_classes", None)
+        self.num_classes = self.source.num_classes
         losses, weights = {}, {}
         for label, table in r.losses.items():
             table = plugin_table(table, LOSS_TABLE_KEYS)
@@ -310,7 +312,9 @@ class Trainer:
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         """DataError unless every label (LongTensor[B], on the CPU) is a class of the training data."""
-        bad = (labels < 0) | (labels >= self.num_classes if self.num_classes else torch.zeros_like(labels).bool())
+        bad = labels < 0
+        if self.num_classes:
+            bad |= labels >= self.num_classes
         if bool(bad.any()):
             which = "unlabelled (label -1)" if bool((labels[bad] < 0).all()) else "labelled outside the classes"
             raise DataError(
@@ -320,7 +324,7 @@ class Trainer:
                 "with class folders, procedural, digits)")
 
     def _first_forward(self, first: dict[str, torch.Tensor]) -> None:
-        """Teacher, student and losses once on a few training ``images``, in eval mode, without gradients and with
+        """Teacher, student and losses once on a few training images (``first``: image and label), in eval mode, without gradients and with
         the RNG states put back: models, heads and losses that do not fit together fail here with a
         :class:`ShapeError`, before the run directory is touched, not at the first training step."""
         devices = [self.device] if self.device.type == "cuda" else []
@@ -459,7 +463,7 @@ class Trainer:
     def _train_loop(self) -> None:
         r = self.recipe
         last_step = min(self.total_steps, r.train.max_steps) if r.train.max_steps else self.total_steps
-        bar = tqdm(total=last_step, initial=self.step, desc="distil", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=last_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.show_progress and self.dist.is_main))
         window_t, window_imgs = time.perf_counter(), 0
         try:
