@@ -260,9 +260,13 @@ def load_run_student(
 def load_student_state(student: nn.Module, state: dict, what: str, fix: str) -> None:
     """Load the student weights of run checkpoint ``state`` (its ``model`` entries under ``student.``) into
     ``student``, all of them and nothing else. :class:`CheckpointError` (exit 2) if they do not fit: ``what``, then
-    every missing, unexpected and differently shaped key (a few of each), the checkpoint's [student] table, ``fix``."""
+    every missing, unexpected and differently shaped key (a few of each), the checkpoint's [student] table, ``fix``.
+    A student that can take another configuration's weights remaps them first (``remap_state_dict``: the timm
+    student's shared relative position bias into one per block)."""
     prefix = "student."
     weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    if callable(getattr(student, "remap_state_dict", None)):
+        weights = student.remap_state_dict(weights)
     expected = student.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]

@@ -252,6 +252,18 @@ class TimmStudent(Student):
             ids.update({f"rel_pos_bias.{n}": num_layers + 1 for n, _ in self.rel_pos_bias.named_parameters()})
         return ids, num_layers
 
+    def remap_state_dict(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The weights of this student with a shared relative position bias (``rel_pos_bias.table``) for this one
+        with one per block: the shared table copied into every block's (FD's released fine-tuning starts its
+        per-block biases from the distilled shared one, ``remap_pretrained_keys_vit``). Any other weights are
+        returned as they are (:func:`kdforge.engine.runs.load_student_state` then compares them key by key)."""
+        if "rel_pos_bias.table" not in weights or not hasattr(self, "rel_pos_biases"):
+            return weights
+        weights = dict(weights)
+        shared = weights.pop("rel_pos_bias.table")
+        weights.update({f"rel_pos_biases.{b}.table": shared.clone() for b in range(len(self.rel_pos_biases))})
+        return weights
+
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         pe = self.model.patch_embed

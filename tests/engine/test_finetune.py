@@ -232,3 +232,25 @@ def test_fd_finetune_smoke_from_the_distilled_student_and_from_scratch(fd_smoke_
     assert distilled["steps"] == scratch["steps"] > 0
     recipe = (tmp_path / "distilled" / "recipe.toml").read_text()
     assert str(fd_smoke_run) in recipe  # the run records where its student came from
+
+
+def test_a_shared_relative_position_bias_starts_every_blocks_own():
+    """FD's released fine-tuning turns the distilled shared bias into one per block, each starting from it."""
+    from kdforge.engine.runs import load_student_state
+
+    def student(rel_pos_bias):
+        return TimmStudent(TimmStudent.Config(
+            model="vit_tiny_patch16_224", attention="kdforge", rel_pos_bias=rel_pos_bias,
+            model_kwargs={"img_size": 16, "patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2,
+                          "pos_embed": "none"}))
+
+    torch.manual_seed(0)
+    shared = student("shared")
+    with torch.no_grad():
+        shared.rel_pos_bias.table.normal_()
+    state = {"model": {f"student.{k}": v for k, v in shared.state_dict().items()}, "recipe": {}}
+    per_block = student("per_block")
+    load_student_state(per_block, state, "does not fit", "fix it")
+    for b in range(2):
+        assert torch.equal(per_block.rel_pos_biases[b].table, shared.rel_pos_bias.table)
+    assert torch.equal(per_block.model.blocks[1].attn.qkv.weight, shared.model.blocks[1].attn.qkv.weight)
