@@ -3,9 +3,10 @@
 
 One teacher forward per batch is shared by every loss, and teacher and student see the same augmented view (the
 student's copy may have masked patches; Mixup / CutMix, when set, mix the batch before either forward). A recipe
-whose losses read no teacher (supervised stages: fine-tuning) has none, and no teacher forward runs. Checkpoints are atomic and a resumed run continues exactly: model,
-optimizer, schedule, grad scaler, RNG state and data position are restored, and augmentation and masks are
-seeded per (epoch, item) and per step, so they do not depend on how the run was split.
+whose losses read no teacher (supervised stages: fine-tuning) has none, and no teacher forward runs. Checkpoints
+are atomic and a resumed run continues exactly: model, optimizer, schedule, grad scaler, RNG state and data
+position are restored, and augmentation, mixing and masks are seeded per (epoch, item) and per step, so they do
+not depend on how the run was split.
 
 Nothing is written before the run is known to start: building the Trainer checks the run directory, reads and
 compares the checkpoint to resume from, builds the data (training and evaluation), the models and the losses, and
@@ -324,9 +325,10 @@ class Trainer:
                 "with class folders, procedural, digits)")
 
     def _first_forward(self, first: dict[str, torch.Tensor]) -> None:
-        """Teacher, student and losses once on a few training images (``first``: image and label), in eval mode, without gradients and with
-        the RNG states put back: models, heads and losses that do not fit together fail here with a
-        :class:`ShapeError`, before the run directory is touched, not at the first training step."""
+        """Teacher, student and losses once on a few training images (``first``: image and label, mixed when the
+        recipe mixes), in eval mode, without gradients and with the RNG states put back: models, heads and losses
+        that do not fit together fail here with a :class:`ShapeError`, before the run directory is touched, not at
+        the first training step."""
         devices = [self.device] if self.device.type == "cuda" else []
         was_training = self.model.training
         with torch.random.fork_rng(devices=devices), torch.no_grad():
