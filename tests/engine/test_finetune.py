@@ -230,6 +230,9 @@ def test_fd_finetune_smoke_from_the_distilled_student_and_from_scratch(fd_smoke_
     print(f"fd_finetune smoke: classifier top-1 {a:.2f} from the FD smoke run ({t_distilled:.0f} s), "
           f"{b:.2f} from scratch ({t_scratch:.0f} s), same data, seed and {distilled['steps']} steps")
     assert distilled["steps"] == scratch["steps"] > 0
+    # measured (seeds 0 and 1): 29.5 / 28.2 % from the FD smoke run (its kNN top-1: 44 %), 10.1 / 10.6 % from
+    # scratch (chance: 10 classes, 60 steps under Mixup / CutMix are too few for a random student)
+    assert a > b + 10, (a, b)
     recipe = (tmp_path / "distilled" / "recipe.toml").read_text()
     assert str(fd_smoke_run) in recipe  # the run records where its student came from
 
