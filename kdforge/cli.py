@@ -143,10 +143,16 @@ def cmd_eval(args) -> int:
     device = pick_device(recipe.run.device)
     student.to(device)
     encoders = {"student": Encoder(student, r.features)}
-    if r.teacher and not args.no_teacher:
+    if r.teacher and recipe.teacher and not args.no_teacher:
         torch.manual_seed(recipe.run.seed)  # as the trainer builds it (a random teacher stays reproducible)
         teacher = get_registry().create("teachers", recipe.teacher, "teacher").to(device)
         encoders["teacher"] = Encoder(teacher, r.features, role="teacher")
+    registry = get_registry()
+    for label, table in r.evaluators.items():
+        if registry.get("evaluators", table.get("plugin"), f"eval.evaluators.{label}").reads == "logits":
+            print(f"kdforge: note: eval.evaluators.{label} scores the classifier head the run trained with its "
+                  "supervised loss, which kdforge eval does not rebuild: its result is in the run's summary.json",
+                  file=sys.stderr)
     results = evaluate_encoders(encoders, r, recipe.augment, device=device)
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "last.pt"
     report = {"checkpoint": str(checkpoint), "features": r.features}

@@ -35,10 +35,11 @@ def kdforge_register_students() -> list[type]:
 
 @hookspec
 def kdforge_register_losses() -> list[type]:
-    """Called once at start-up. Return loss classes.
+    """Called once at start-up. Return loss classes (distillation and supervised objectives).
 
     A loss class subclasses :class:`kdforge.losses.DistillLoss`:
-    ``forward(student_out, teacher_out, batch) -> (loss, metrics)``.
+    ``forward(student_out, teacher_out, batch) -> (loss, metrics)``; it declares the student view it reads, whether
+    it reads the teacher and whether it reads labels (``view``, ``reads_teacher``, ``needs_labels``).
     """
 
 
@@ -63,7 +64,8 @@ def kdforge_register_evaluators() -> list[type]:
     """Called once at start-up. Return evaluator classes (kNN, linear probe, ...).
 
     An evaluator subclasses :class:`kdforge.eval.Evaluator`:
-    ``run(encoder, train_set, test_set, device) -> dict[str, float]``.
+    ``run(encoder, train_set, test_set, device) -> dict[str, float]``; ``reads = "logits"`` gets a trained
+    classifier's logits instead of features (the "classifier" evaluator).
     """
 
 

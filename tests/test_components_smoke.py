@@ -68,6 +68,7 @@ def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
         ("losses", "proteus.feature"): {"cls": "own_head"},  # the default shares proteus.token's head
         ("losses", "proteus.patch"): {},
         ("losses", "fd.feature"): {},
+        ("losses", "supervised.ce"): {"num_classes": 4, "label_smoothing": 0.1},
         ("data_sources", "procedural"): {"num_train": 8, "num_val": 4, "image_size": 16},
         ("data_sources", "digits"): {"image_size": 16},
         ("data_sources", "single_image"): {"num_train": 8, "num_val": 4, "crop_size": 16},
@@ -76,6 +77,7 @@ def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
                                          "length": 6, "num_classes": 2},
         ("maskers", "random"): {},
         ("maskers", "block"): {},
+        ("evaluators", "classifier"): {},
         ("evaluators", "knn"): {"k": 3},
         ("evaluators", "linear_probe"): {"max_iter": 20},
         ("evaluators", "linear_dinov2"): {"n_last_blocks": 2, "lrs": [1e-2, 1e-1], "epochs": 5},
@@ -111,7 +113,7 @@ def _fake_outputs(b=3, n=16, ds=24, dt=32):
     mask = torch.zeros(b, n, dtype=torch.bool)
     mask[0, :5] = True
     mask[2, 3:9] = True
-    return s, t, {"mask": mask}
+    return s, t, {"mask": mask, "label": torch.tensor([0, 3, 1])}
 
 
 @pytest.mark.parametrize("kind, name", CASES, ids=[f"{k}:{n}" for k, n in CASES])
@@ -163,8 +165,14 @@ def test_component_smoke(kind, name, tmp_path):
         evaluator = REGISTRY.create(kind, table, "eval")
         source = REGISTRY.create("data_sources", {"plugin": "digits", "image_size": 8}, "data")
         tf = build_transform(TransformConfig(image_size=8), train=False)
-        out = evaluator.run(_PixelEncoder(), source.build("train", tf), source.build("val", tf),
-                            device=torch.device("cpu"), batch_size=128)
+        train = source.build("train", tf)
+        encoder = _PixelEncoder()
+        if evaluator.reads == "logits":  # a classifier: nearest class mean of the raw pixels, as linear logits
+            pixels = torch.stack([train[i]["image"].flatten() for i in range(len(train))])
+            labels = torch.tensor([train[i]["label"] for i in range(len(train))])
+            means = torch.stack([pixels[labels == c].mean(0) for c in range(10)])
+            encoder = lambda x: x.flatten(1) @ means.T - 0.5 * (means**2).sum(1)  # noqa: E731
+        out = evaluator.run(encoder, train, source.build("val", tf), device=torch.device("cpu"), batch_size=128)
         top1 = [v for k, v in out.items() if k.endswith("_top1")]
         assert len(top1) == 1 and 50 < top1[0] <= 100, out  # raw pixels separate digits well
     elif kind == "loggers":

@@ -46,7 +46,7 @@ def _fields(cls) -> dict[str, typing.Any]:
 def _keys() -> list[tuple[str, typing.Any]]:
     """(dotted key, type) for every key the fuzzed recipe can hold."""
     from kdforge.plugins import get_registry
-    from kdforge.recipe import LOSS_TABLE_KEYS, load_recipe
+    from kdforge.recipe import LOSS_TABLE_KEYS, STUDENT_TABLE_KEYS, load_recipe
     from kdforge.recipe.config import EvalConfig, Recipe
 
     recipe = load_recipe(TINY, overrides=BASE)
@@ -65,6 +65,8 @@ def _keys() -> list[tuple[str, typing.Any]]:
         keys += [(f"{where}.{k}", tp) for k, tp in _fields(registry.get(kind, table["plugin"]).Config).items()]
         if kind == "losses":
             keys += [(f"{where}.{k}", tp) for k, tp in LOSS_TABLE_KEYS.items()]
+        if where == "student":
+            keys += [(f"{where}.{k}", tp) for k, tp in STUDENT_TABLE_KEYS.items()]
     return keys
 
 

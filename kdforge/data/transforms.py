@@ -27,7 +27,8 @@ import torch
 
 from kdforge.ranges import Fraction, ImageSide, PositiveInt, Range
 
-__all__ = ["ImageTransform", "TransformConfig", "as_float_image", "build_transform", "to_image_tensor", "to_rgb8"]
+__all__ = ["BatchMix", "ImageTransform", "TransformConfig", "as_float_image", "build_transform", "to_image_tensor",
+           "to_rgb8"]
 
 # PIL modes of one channel of 16-bit unsigned pixels (16-bit PNG and TIFF greyscale); "I" is 32-bit signed
 _UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -61,6 +62,14 @@ class TransformConfig:
     "train: mean of the space in which erasing noise is N(0, 1) (ImageNet's, as DeiT normalises)"
     re_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     "train: std of that space (ImageNet's)"
+    mixup: Annotated[float, Range(ge=0, le=100)] = 0.0
+    "train: Mixup alpha, mixing each batch with itself reversed (FD fine-tuning: 0.8); 0 is off; needs labelled data"
+    cutmix: Annotated[float, Range(ge=0, le=100)] = 0.0
+    "train: CutMix alpha (FD fine-tuning: 1.0); 0 is off; with mixup too, each batch takes one of the two"
+    mix_prob: Annotated[float, Range(ge=0, le=1)] = 1.0
+    "train: probability that a batch is mixed at all (when mixup or cutmix is on)"
+    mix_switch_prob: Annotated[float, Range(ge=0, le=1)] = 0.5
+    "train: probability of CutMix rather than Mixup for a mixed batch, when both are on"
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -282,6 +291,48 @@ class ImageTransform:
 def v2_to_tensor(image: Any) -> torch.Tensor:
     """A PIL image (what a policy may return) as a uint8 Tensor[3, H, W]."""
     return to_image_tensor(image)
+
+
+class BatchMix:
+    """Mixup / CutMix of a training batch (``augment.mixup``, ``augment.cutmix``), by timm's ``Mixup`` in its
+    "batch" mode (one mixing weight per batch, each image mixed with the batch reversed), seeded per call.
+
+    ``mix(images, labels, seed) -> (images, targets)``: images Tensor[B, 3, H, W] (mixed in place), labels
+    LongTensor[B] -> soft targets Tensor[B, C], the mixed one-hot labels (label smoothing is the loss's business:
+    :func:`kdforge.losses.supervised.soft_target_cross_entropy` smooths hard and mixed targets alike, which gives
+    exactly the targets timm's Mixup smooths itself). timm draws from numpy's global generator; here it draws from
+    one seeded by ``seed`` (the trainer's per-step seed), and numpy's global state is put back, so a resumed run
+    mixes as an uninterrupted one. timm mixes even batches only: in an odd batch (unreadable images skipped) the
+    last image stays unmixed.
+    """
+
+    def __init__(self, cfg: TransformConfig, num_classes: int):
+        from timm.data import Mixup
+
+        self.num_classes = num_classes
+        self._mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
+                            switch_prob=cfg.mix_switch_prob, mode="batch", label_smoothing=0.0,
+                            num_classes=num_classes)
+
+    @staticmethod
+    def enabled(cfg: TransformConfig) -> bool:
+        return cfg.mixup > 0 or cfg.cutmix > 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = labels.to(images.device)
+        even = images.shape[0] - images.shape[0] % 2
+        targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
+        if even == 0:
+            return images, targets
+        state = np.random.get_state()
+        try:
+            np.random.seed(seed % 2**32)
+            mixed, mixed_targets = self._mixup(images[:even], labels[:even])
+        finally:
+            np.random.set_state(state)
+        images[:even] = mixed
+        targets[:even] = mixed_targets.to(targets.dtype)
+        return images, targets
 
 
 def build_transform(cfg: TransformConfig | None, train: bool) -> ImageTransform:

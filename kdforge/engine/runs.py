@@ -24,7 +24,7 @@ from torch import nn
 from kdforge.engine import checkpoint as ckpt
 from kdforge.errors import CheckpointError, KdforgeError, RunDirectoryError
 from kdforge.plugins import get_registry
-from kdforge.recipe import Recipe, load_recipe, to_dict
+from kdforge.recipe import STUDENT_TABLE_KEYS, Recipe, load_recipe, plugin_table, to_dict
 
 #: The lock file of a run directory (see :class:`RunLock`).
 LOCK_FILE = "run.lock"
@@ -152,7 +152,13 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
+#: Schedule keys that a resume can never change: the optimizer state's groups are built from them.
+_FIXED = ("optim.layer_decay",)
+
+
 def _kind_of_change(key: str) -> str:
+    if _matches(key, _FIXED):
+        return "model"
     if _matches(key, _FREE) or key.endswith("backend"):
         return "free"
     if _matches(key, _SCHEDULE) or (key.startswith("losses.") and key.endswith(".weight")):
@@ -181,7 +187,8 @@ def check_resume(state: dict, recipe: Recipe, *, path: Path, world_size: int, al
         diffs.append(("processes (world size)", saved_world, world_size, "model"))
     blocking = [d for d in diffs if d[3] == "model" or (d[3] == "schedule" and not allow_changes)]
     if blocking:
-        why = {"model": "changes the models, their shapes or the data: cannot continue this run",
+        why = {"model": "changes the models, their shapes, the data or the optimizer's groups: cannot continue this "
+                        "run",
                "schedule": "changes the schedule: allowed with --allow-changes"}
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}  ({why[kind]})" for k, a, b, kind in diffs if kind != "free")
         raise CheckpointError(
@@ -204,7 +211,8 @@ def code_it_would_run(recipe: Recipe, sections: Iterable[str]) -> list[str]:
     registry = get_registry()
     found = []
     for section in sections:
-        table = dict(recipe.eval.data if section == "eval.data" else getattr(recipe, section))
+        table = plugin_table(recipe.eval.data if section == "eval.data" else getattr(recipe, section),
+                             STUDENT_TABLE_KEYS if section == "student" else {})
         name = table.pop("plugin", None)
         if not table and name is None:
             continue
@@ -243,12 +251,56 @@ def load_run_student(
     """(student with the checkpoint's weights, in eval mode, on the CPU; the run's recipe with ``overrides``,
     ``--set`` style) from a run directory (recipe.toml and last.pt, or ``checkpoint``); see :func:`read_run`."""
     state, recipe = read_run(run_dir, checkpoint, overrides, builds=builds, trust=trust)
-    student = get_registry().create("students", recipe.student, "student")
+    student = get_registry().create("students", plugin_table(recipe.student, STUDENT_TABLE_KEYS), "student")
+    load_student_state(student, state, "the checkpoint's student does not fit the recipe's [student]",
+                       "were model keys changed with --set?")
+    return student.eval(), recipe
+
+
+def load_student_state(student: nn.Module, state: dict, what: str, fix: str) -> None:
+    """Load the student weights of run checkpoint ``state`` (its ``model`` entries under ``student.``) into
+    ``student``, all of them and nothing else. :class:`CheckpointError` (exit 2) if they do not fit: ``what``, then
+    every missing, unexpected and differently shaped key (a few of each), the checkpoint's [student] table, ``fix``.
+    A student that can take another configuration's weights remaps them first (``remap_state_dict``: the timm
+    student's shared relative position bias into one per block)."""
     prefix = "student."
     weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    try:
-        student.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CheckpointError(f"the checkpoint's student does not fit the recipe's [student] "
-                              f"({str(exc).splitlines()[0]}): were model keys changed with --set?") from None
-    return student.eval(), recipe
+    if callable(getattr(student, "remap_state_dict", None)):
+        weights = student.remap_state_dict(weights)
+    expected = student.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in weights and weights[k].shape != v.shape]
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                for label, keys in (("missing from the checkpoint", missing), ("not in the student", unexpected),
+                                    ("shape in the checkpoint vs the student", shapes)) if keys]
+    if problems:
+        run_student = {k: v for k, v in state.get("recipe", {}).get("student", {}).items()
+                       if v not in ({}, None, "")}
+        raise CheckpointError(f"{what}:\n  " + "\n  ".join(problems) +
+                              f"\nThe checkpoint's [student] was {run_student}; {fix}")
+    student.load_state_dict(weights)
+
+
+def init_source(value: str) -> Path | None:
+    """The run directory or checkpoint of ``[student] init_from`` (None: "" or "none", the student's own init)."""
+    return None if value.strip().lower() in ("", "none") else Path(value)
+
+
+def init_student(student: nn.Module, source: str | Path) -> Path:
+    """Load the student weights of a run (``source``: its directory, whose last.pt is read, or a run checkpoint
+    file) into ``student``, read with weights_only (:func:`kdforge.engine.checkpoint.load_run`): exactly the
+    run's student, no head of its losses. Returns the checkpoint read; :class:`CheckpointError` (exit 2) if there
+    is none or its student has other keys or shapes than ``student``."""
+    source = Path(source)
+    path = source / "last.pt" if source.is_dir() else source
+    if not source.exists():
+        raise CheckpointError(f"student.init_from = '{source}': no such run directory or checkpoint; give the "
+                              "directory of a finished kdforge run (holding last.pt), or \"none\" to start from "
+                              "the student's own initialisation")
+    state = ckpt.load_run(path)
+    load_student_state(student, state, f"student.init_from: the student of '{path}' does not fit the recipe's "
+                       "[student]", "make the recipe's [student] the run's architecture (model, model_kwargs, "
+                       "attention, rel_pos_bias), or set student.init_from = \"none\"")
+    return path

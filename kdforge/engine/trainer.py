@@ -1,9 +1,12 @@
-"""The distillation loop. Reads top-down: ``fit`` -> ``train_step`` -> ``forward_backward``.
+"""The training loop of distillation and supervised stages alike. Reads top-down: ``fit`` -> ``train_step`` ->
+``forward_backward``.
 
 One teacher forward per batch is shared by every loss, and teacher and student see the same augmented view (the
-student's copy may have masked patches). Checkpoints are atomic and a resumed run continues exactly: model,
-optimizer, schedule, grad scaler, RNG state and data position are restored, and augmentation and masks are
-seeded per (epoch, item) and per step, so they do not depend on how the run was split.
+student's copy may have masked patches; Mixup / CutMix, when set, mix the batch before either forward). A recipe
+whose losses read no teacher (supervised stages: fine-tuning) has none, and no teacher forward runs. Checkpoints
+are atomic and a resumed run continues exactly: model, optimizer, schedule, grad scaler, RNG state and data
+position are restored, and augmentation, mixing and masks are seeded per (epoch, item) and per step, so they do
+not depend on how the run was split.
 
 Nothing is written before the run is known to start: building the Trainer checks the run directory, reads and
 compares the checkpoint to resume from, builds the data (training and evaluation), the models and the losses, and
@@ -39,7 +42,7 @@ from kdforge.engine.signals import Preempted
 from kdforge.errors import CheckpointError, DataError, KdforgeError, RecipeError, ShapeError, TrainingDiverged
 from kdforge.eval import Encoder, build_eval_sets, evaluate_encoders
 from kdforge.plugins import get_registry
-from kdforge.recipe import LOSS_TABLE_KEYS, Recipe, dump_toml, to_dict
+from kdforge.recipe import LOSS_TABLE_KEYS, STUDENT_TABLE_KEYS, Recipe, dump_toml, plugin_table, to_dict
 
 __all__ = ["DistillModule", "EpochSampler", "Objective", "Preempted", "SeededItems", "Trainer", "build_objective",
            "cosine_lr"]
@@ -92,7 +95,7 @@ class Objective:
     masker, and how the teacher's output and the precision are prepared. Built by :func:`build_objective`, shared
     by the :class:`Trainer` and the diagnostics that evaluate a run's loss (:mod:`kdforge.diagnostics.landscape`)."""
 
-    teacher: nn.Module
+    teacher: nn.Module | None
     model: DistillModule
     masker: nn.Module | None
     grid: tuple[int, int]
@@ -101,10 +104,15 @@ class Objective:
     autocast_dtype: torch.dtype | None
     """bf16 or fp16 from ``train.precision``; None: float32."""
     device: torch.device
+    reads_teacher: bool = True
+    """False when no loss reads the teacher (a supervised stage): no teacher forward then."""
 
     def teacher_forward(self, images: torch.Tensor):
         """The teacher's output for ``images`` (frozen: eval mode, inference mode and autocast live in the teacher),
-        its patches resized to the student's grid where ``train.resize_teacher_grid`` asks for it."""
+        its patches resized to the student's grid where ``train.resize_teacher_grid`` asks for it; None when no
+        loss reads the teacher."""
+        if not self.reads_teacher:
+            return None
         teacher_out = self.teacher(images)
         if self.teacher_grid != tuple(self.grid):  # train.resize_teacher_grid (checked when built): once per batch
             from kdforge.students import resize_patches
@@ -119,24 +127,31 @@ class Objective:
                               enabled=self.autocast_dtype is not None)
 
 
-def build_objective(recipe: Recipe, device: torch.device) -> Objective:
+def build_objective(recipe: Recipe, device: torch.device, *, num_classes: int | None = None) -> Objective:
     """Teacher, student, masker and losses of ``recipe`` on ``device``, the student initialised from
-    ``run.seed`` (as every run of the recipe starts); raises :class:`RecipeError` / :class:`ShapeError` when they do
-    not fit together (a masked-view loss without a masker, patch grids that differ)."""
+    ``run.seed`` (as every run of the recipe starts; ``[student] init_from`` is the trainer's business); raises
+    :class:`RecipeError` / :class:`ShapeError` when they do not fit together (a masked-view loss without a masker,
+    patch grids that differ). A recipe without ``[teacher]`` (a supervised stage: no loss reads one) has teacher
+    None. ``num_classes``: the training data's classes, for the losses that need labels."""
     r = recipe
     registry = get_registry()
-    torch.manual_seed(r.run.seed)  # a randomly initialised teacher (tests, ablations) must be reproducible
-    teacher = registry.create("teachers", r.teacher, "teacher").to(device)
+    teacher = None
+    if r.teacher:
+        torch.manual_seed(r.run.seed)  # a randomly initialised teacher (tests, ablations) must be reproducible
+        teacher = registry.create("teachers", r.teacher, "teacher").to(device)
     torch.manual_seed(r.run.seed)  # the student's init must not depend on whether the teacher came from a cache
-    student = registry.create("students", r.student, "student").to(device)
+    student = registry.create("students", plugin_table(r.student, STUDENT_TABLE_KEYS), "student").to(device)
     masker = registry.create("maskers", r.masker, "masker") if r.masker else None
 
     losses, weights = {}, {}
     for label, table in r.losses.items():
-        table = {k: v for k, v in table.items() if k not in LOSS_TABLE_KEYS}
+        table = plugin_table(table, LOSS_TABLE_KEYS)
         weights[label] = float(r.losses[label].get("weight", 1.0))
+        cls = registry.get("losses", table["plugin"], f"losses.{label}")
         losses[label] = registry.create(
-            "losses", table, f"losses.{label}", student_dim=student.embed_dim, teacher_dim=teacher.embed_dim,
+            "losses", table, f"losses.{label}",
+            student_dim=student.embed_dim, teacher_dim=teacher.embed_dim if teacher is not None else None,
+            **({"num_classes": num_classes} if cls.needs_labels else {}),
         )
     for label, loss in losses.items():
         loss.bind(losses, f"losses.{label}")
@@ -149,10 +164,12 @@ def build_objective(recipe: Recipe, device: torch.device) -> Objective:
         from kdforge.students import check_grids
 
         check_grids(teacher, student, size, resize=r.train.resize_teacher_grid)
+    grid = student.grid(size)
     return Objective(
         teacher=teacher, model=DistillModule(student, losses, weights).to(device), masker=masker,
-        grid=student.grid(size), teacher_grid=tuple(teacher.grid(size)),
+        grid=grid, teacher_grid=tuple(teacher.grid(size)) if teacher is not None else tuple(grid),
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.train.precision), device=device,
+        reads_teacher=any(l.reads_teacher for l in losses.values()),
     )
 
 
@@ -250,7 +267,7 @@ class Trainer:
             runs.check_run_dir(self.run_dir, fresh=self.resume_path is None)
 
         # Data first: a missing data root is the most common mistake and must fail before any model is built.
-        from kdforge.data.transforms import build_transform
+        from kdforge.data.transforms import BatchMix, build_transform
 
         self.source = registry.create("data_sources", r.data, "data")
         self.dataset = self.source.build("train", build_transform(r.augment, train=True))
@@ -266,9 +283,26 @@ class Trainer:
                 f"(train.batch_size = {r.train.batch_size}): lower train.batch_size or add data"
             )
 
-        self.objective = build_objective(r, self.device)
+        self.objective = build_objective(r, self.device, num_classes=self.source.num_classes)
         self.teacher, self.model, self.masker = self.objective.teacher, self.objective.model, self.objective.masker
         self.student, self.grid = self.model.student, self.objective.grid
+        self.init_from = runs.init_source(r.student.get("init_from", ""))
+        if self.init_from is not None and self._resume_state is None:  # a resume has the student's weights already
+            runs.init_student(self.student, self.init_from)
+
+        # Labelled data: what supervised losses and batch mixing need (None: the source does not know its classes).
+        self.num_classes = self.source.num_classes
+        losses = dict(self.model.losses.items())
+        self.reads_teacher = self.objective.reads_teacher
+        self.needs_labels = any(l.needs_labels for l in losses.values())
+        self.mix = None
+        if BatchMix.enabled(r.augment):
+            if not self.num_classes:
+                raise RecipeError(f"augment.mixup / augment.cutmix mix the labels too, but the training data "
+                                  f"([data] {r.data.get('plugin')}) does not say how many classes it has: use a "
+                                  "labelled source (image_folder, procedural, digits) or set both to 0")
+            self.mix = BatchMix(r.augment, self.num_classes)
+        self.classifier = self._classifier(losses)
 
         self.batches_per_epoch = per_rank // r.train.batch_size
         if self.batches_per_epoch < r.train.accum_steps:
@@ -284,7 +318,7 @@ class Trainer:
         self.warmup_steps = int(round(r.optim.warmup_epochs * self.steps_per_epoch))
 
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, r.optim.weight_decay, r.optim.decay_also), lr=self.peak_lr,
+            param_groups(self.model, r.optim.weight_decay, r.optim.decay_also, r.optim.layer_decay), lr=self.peak_lr,
             betas=tuple(r.optim.betas),
             fused=self.device.type == "cuda",
         )
@@ -313,13 +347,28 @@ class Trainer:
         self.eval_sets = build_eval_sets(r.eval, r.augment) if r.eval.evaluators else None
         if self._resume_state is not None:
             self._load_training_state(self._resume_state)
-        self._first_forward(self._first_images())
+        self._first_forward(self._first_batch())
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _first_images(self, count: int = 2) -> torch.Tensor:
-        """``count`` images of the training data's first batch, read with the RNG states put back and nothing
-        counted: data of which not one image can be read fails here, listing the files, before anything is
-        written (a few bad files are the SkipCounter's business during training)."""
+    def _classifier(self, losses: dict[str, nn.Module]) -> nn.Module | None:
+        """The loss whose classifier head (``predict``) the "classifier" evaluators score; None without one.
+        A recipe with such an evaluator needs exactly one such loss."""
+        found = [label for label, loss in losses.items() if callable(getattr(loss, "predict", None))]
+        registry = get_registry()
+        scoring = [label for label, table in self.recipe.eval.evaluators.items()
+                   if registry.get("evaluators", table.get("plugin"), f"eval.evaluators.{label}").reads == "logits"]
+        if scoring and len(found) != 1:
+            raise RecipeError(
+                f"eval.evaluators.{scoring[0]} scores the classifier head of the recipe's supervised loss, but the "
+                f"recipe has {len(found)} losses with one ({', '.join(found) or 'none'}): add one [losses.<label>] "
+                "plugin = \"supervised.ce\" (exactly one), or remove the evaluator")
+        return losses[found[0]] if len(found) == 1 else None
+
+    def _first_batch(self, count: int = 2) -> dict[str, torch.Tensor]:
+        """``count`` images and labels of the training data's first batch, read with the RNG states put back and
+        nothing counted: data of which not one image can be read fails here, listing the files, and data without
+        labels for a loss that reads them, before anything is written (a few bad files are the SkipCounter's
+        business during training)."""
         n = self.recipe.train.batch_size
         with torch.random.fork_rng(devices=[]):
             if self.streaming:
@@ -331,25 +380,43 @@ class Trainer:
             listing = "\n".join(f"  {path}: {reason}" for path, reason in batch["skipped"][:20])
             raise DataError(f"none of the first {len(items)} training images could be read:\n{listing}\nCheck that "
                             "[data] points at the data set you meant (root, urls) and that its files are images.")
-        return batch["image"][:count]
+        if self.needs_labels or self.mix is not None:
+            self._check_labels(batch["label"])
+        return {"image": batch["image"][:count], "label": batch["label"][:count]}
 
-    def _first_forward(self, images: torch.Tensor) -> None:
-        """Teacher, student and losses once on a few training ``images``, in eval mode, without gradients and with
-        the RNG states put back: models, heads and losses that do not fit together fail here with a
-        :class:`ShapeError`, before the run directory is touched, not at the first training step."""
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """DataError unless every label (LongTensor[B], on the CPU) is a class of the training data."""
+        bad = labels < 0
+        if self.num_classes:
+            bad |= labels >= self.num_classes
+        if bool(bad.any()):
+            which = "unlabelled (label -1)" if bool((labels[bad] < 0).all()) else "labelled outside the classes"
+            raise DataError(
+                f"{int(bad.sum())} of {len(labels)} training images are {which}, but the recipe's "
+                f"{'losses read labels' if self.needs_labels else 'augment.mixup / cutmix mix labels'}: supervised "
+                f"training needs a labelled data source with {self.num_classes or 'its'} classes (image_folder "
+                "with class folders, procedural, digits)")
+
+    def _first_forward(self, first: dict[str, torch.Tensor]) -> None:
+        """Teacher, student and losses once on a few training images (``first``: image and label, mixed when the
+        recipe mixes), in eval mode, without gradients and with the RNG states put back: models, heads and losses
+        that do not fit together fail here with a :class:`ShapeError`, before the run directory is touched, not at
+        the first training step."""
         devices = [self.device] if self.device.type == "cuda" else []
         was_training = self.model.training
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             self.model.eval()
             try:
-                images = images.to(self.device)
+                images = first["image"].to(self.device)
                 b = images.shape[0]
                 mask = None
                 if self.masker is not None:
                     mask = self.masker(b, self.grid, torch.Generator().manual_seed(0))
                     mask[0, : max(1, mask.shape[1] // 2)] = True  # the masked path runs whatever the masker drew
                     mask = mask.to(self.device)
-                batch = {"image": images, "label": torch.full((b,), -1), "index": torch.arange(b), "skipped": []}
+                batch = {"image": images, "label": first["label"], "index": torch.arange(b), "skipped": []}
+                if self.mix is not None:
+                    images, batch["target"] = self.mix(images, first["label"], seed=0)
                 with self._autocast():
                     self.model(images, mask, self._teacher_forward(images), batch)
             except KdforgeError:
@@ -470,7 +537,7 @@ class Trainer:
     def _train_loop(self) -> None:
         r = self.recipe
         last_step = min(self.total_steps, r.train.max_steps) if r.train.max_steps else self.total_steps
-        bar = tqdm(total=last_step, initial=self.step, desc="distil", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=last_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.show_progress and self.dist.is_main))
         window_t, window_imgs = time.perf_counter(), 0
         try:
@@ -534,7 +601,7 @@ class Trainer:
         r = self.recipe
         lr = cosine_lr(self.step, self.total_steps, self.warmup_steps, self.peak_lr, r.optim.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.layer_decay
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, terms_sum = 0.0, {}
         for i, batch in enumerate(micro_batches):
@@ -567,12 +634,19 @@ class Trainer:
         if stand_in:
             size = self.recipe.augment.image_size
             images, scale = torch.zeros(1, 3, size, size, device=self.device), 0.0
-            batch = dict(batch, image=images, label=torch.full((1,), -1), index=torch.zeros(1, dtype=torch.long))
+            # label 0, not -1: a supervised loss must be able to read it (the stand-in's weight is 0 anyway)
+            batch = dict(batch, image=images, label=torch.zeros(1, dtype=torch.long),
+                         index=torch.zeros(1, dtype=torch.long))
+        elif self.needs_labels or self.mix is not None:
+            self._check_labels(batch["label"])
+        step_seed = (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63)
+        if self.mix is not None:  # before the teacher: teacher and student see the same (mixed) view
+            images, target = self.mix(images, batch["label"], seed=step_seed)
+            batch = dict(batch, image=images, target=target)
         teacher_out = self._teacher_forward(images)
         mask = None
         if self.masker is not None and "masked" in self.model.views:
-            g = torch.Generator().manual_seed(
-                (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63))
+            g = torch.Generator().manual_seed(step_seed)
             mask = self.masker(images.shape[0], self.grid, g).to(self.device, non_blocking=True)
         with self._autocast():
             loss, terms = self.forward_model(images, mask, teacher_out, batch)
@@ -602,16 +676,18 @@ class Trainer:
         stopped = False
         if self.dist.is_main:
             encoders = {"student": self._student_encoder()}
-            if r.teacher and not any(k.startswith("teacher_") for k in self.results):
+            logits = {"student": self._student_logits} if self.classifier is not None else {}
+            if r.teacher and self.teacher is not None and not any(k.startswith("teacher_") for k in self.results):
                 encoders["teacher"] = Encoder(self.teacher, r.features, role="teacher")
-            was_training = self.student.training
-            self.student.eval()
+            was_training = self.model.training
+            self.model.eval()
             try:
-                results = evaluate_encoders(encoders, r, self.recipe.augment, device=self.device, sets=self.eval_sets)
+                results = evaluate_encoders(encoders, r, self.recipe.augment, device=self.device, sets=self.eval_sets,
+                                            logits=logits)
             except Preempted:
                 stopped, results = True, {}
             finally:
-                self.student.train(was_training)
+                self.model.train(was_training)
             for who, metrics in results.items():
                 for k, v in metrics.items():
                     self.results[f"teacher_{k}" if who == "teacher" else f"student_{k}_{when}"] = v
@@ -624,6 +700,11 @@ class Trainer:
     def _student_encoder(self) -> Encoder:
         """The student as the evaluators see it: ``eval.features`` of its output, under the run's autocast."""
         return Encoder(self.student, self.recipe.eval.features, autocast=self._autocast)
+
+    def _student_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Tensor[B, C]: the supervised loss's classifier head on the student (what "classifier" evaluators score)."""
+        with self._autocast():
+            return self.classifier.predict(self.student(images)).float()
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

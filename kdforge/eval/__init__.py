@@ -5,6 +5,9 @@ Contract: class attribute ``name``, a ``Config`` dataclass, ``__init__(cfg)`` an
 ``Tensor[B, 3, H, W]`` (float in [0, 1]) to ``Tensor[B, D]`` features and the datasets follow the
 :mod:`kdforge.data` item contract with labels. Metric names are prefixed by the evaluator (``knn_top1``).
 The engine and ``kdforge eval`` pass an :class:`Encoder`, which can also give the last blocks' tokens.
+An evaluator with ``reads = "logits"`` (the classifier evaluator) gets, instead of features, the logits
+``Tensor[B, C]`` of the classifier trained with the encoder (a supervised loss's head), and runs only for encoders
+that have one.
 
 An evaluator of frozen features (all built-ins) implements :meth:`Evaluator.evaluate` instead of ``run``: the base
 class's ``run`` extracts the train and test features once and passes them on.
@@ -24,6 +27,9 @@ from kdforge.eval.features import extract_features
 
 class Evaluator:
     name: ClassVar[str]
+    #: What ``run``'s encoder gives: "features" (frozen features, Tensor[B, D]) or "logits" (Tensor[B, C] of the
+    #: classifier trained with the encoder; evaluators of logits run only for encoders that have a classifier).
+    reads: ClassVar[str] = "features"
     #: Prefix of the feature-extraction progress bars in :meth:`run` ("kNN" -> "kNN train features").
     progress_label: ClassVar[str] = "eval"
 
@@ -124,9 +130,12 @@ def evaluate_encoders(
     *,
     device: torch.device,
     sets: tuple[torch.utils.data.Dataset, torch.utils.data.Dataset] | None = None,
+    logits: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Every evaluator of a recipe's ``[eval]`` (``eval_cfg``: its EvalConfig) on every encoder, by name:
-    ``{name: {metric: value}}``, on ``sets`` (default: :func:`build_eval_sets`, built once for all encoders)."""
+    ``{name: {metric: value}}``, on ``sets`` (default: :func:`build_eval_sets`, built once for all encoders).
+    ``logits``: by the same names, the encoders' classifiers (images -> Tensor[B, C]) for the evaluators that read
+    logits; an encoder without one is not scored by them."""
     from kdforge.plugins import get_registry
 
     registry = get_registry()
@@ -136,6 +145,9 @@ def evaluate_encoders(
         results[who] = {}
         for label, table in eval_cfg.evaluators.items():
             evaluator = registry.create("evaluators", table, f"eval.evaluators.{label}")
-            metrics = evaluator.run(encoder, train_set, test_set, device=device, batch_size=eval_cfg.batch_size)
+            fn = encoder if evaluator.reads == "features" else (logits or {}).get(who)
+            if fn is None:
+                continue
+            metrics = evaluator.run(fn, train_set, test_set, device=device, batch_size=eval_cfg.batch_size)
             results[who].update(metrics)
     return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kdforge.eval.classifier import ClassifierEvaluator
 from kdforge.eval.knn import KnnEvaluator
 from kdforge.eval.linear import LinearProbeEvaluator
 from kdforge.eval.linear_dinov2 import DinoV2LinearEvaluator
@@ -10,4 +11,4 @@ from kdforge.plugins import hookimpl
 
 @hookimpl
 def kdforge_register_evaluators() -> list[type]:
-    return [KnnEvaluator, LinearProbeEvaluator, DinoV2LinearEvaluator]
+    return [ClassifierEvaluator, KnnEvaluator, LinearProbeEvaluator, DinoV2LinearEvaluator]

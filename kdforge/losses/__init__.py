@@ -1,4 +1,4 @@
-"""Distillation losses. Built-ins in :mod:`kdforge.losses.builtin`.
+"""Losses: distillation objectives and supervised ones, on one contract. Built-ins in :mod:`kdforge.losses.builtin`.
 
 One contract for every loss (timm's ``task/distillation.py`` habit)::
 
@@ -11,9 +11,19 @@ patches; all False when no masker is set). The student runs once per view that s
 and feature objectives read the clean image and only its patch objective the masked one (the released code runs
 the student on [x, x] with masks [mask, None]); both views go through one batched forward.
 
-A loss may own parameters (projection heads); they are trained with the student. It is built as
-``cls(cfg, student_dim=..., teacher_dim=...)``, then :meth:`DistillLoss.bind` sees every loss of the recipe (a loss
-that shares a head with another finds it there); the recipe key ``weight`` is the engine's, not the loss's.
+A loss may own parameters (projection heads, a classifier head); they are trained with the student. It is built
+as ``cls(cfg, student_dim=..., teacher_dim=...)`` (``teacher_dim`` is None in a recipe without a teacher), plus
+``num_classes=...`` (the training data source's, None if unknown) for a loss that sets :attr:`needs_labels`; then
+:meth:`DistillLoss.bind` sees every loss of the recipe (a loss that shares a head with another finds it there); the
+recipe key ``weight`` is the engine's, not the loss's.
+
+Supervised stages (fine-tuning a student, adapting a teacher) run on the same engine: a loss that does not read
+the teacher (:attr:`reads_teacher` False; ``teacher_out`` is then None) lets a recipe leave ``[teacher]`` out, and
+the engine runs no teacher forward when no loss reads it. A loss that reads labels (:attr:`needs_labels`) finds
+``batch["label"]`` (LongTensor[B], every label valid: the engine refuses unlabelled images) and, when the recipe
+mixes images (``augment.mixup`` / ``augment.cutmix``), ``batch["target"]``: Tensor[B, C] soft targets, the mixed
+one-hot labels, not smoothed. A loss that owns a classifier implements ``predict(student_out) -> Tensor[B, C]``
+logits, which the "classifier" evaluator scores.
 """
 
 from __future__ import annotations
@@ -34,12 +44,18 @@ class DistillLoss(nn.Module):
     #: The student view the loss reads: "clean" (the augmented image, as the teacher sees it) or "masked" (the same
     #: image with the masker's patches replaced by the mask token; the engine then requires a masker).
     view: ClassVar[View] = "clean"
+    #: False for a loss that never reads ``teacher_out`` (a supervised loss): a recipe whose losses all say so may
+    #: have no teacher, and the engine then runs none.
+    reads_teacher: ClassVar[bool] = True
+    #: True for a loss that reads the batch's labels: the training data must be labelled, and the loss is built
+    #: with ``num_classes``.
+    needs_labels: ClassVar[bool] = False
 
     @dataclasses.dataclass
     class Config:
         pass
 
-    def __init__(self, cfg: Any, *, student_dim: int, teacher_dim: int):
+    def __init__(self, cfg: Any, *, student_dim: int, teacher_dim: int | None):
         super().__init__()
         self.cfg = cfg
         self.student_dim = student_dim

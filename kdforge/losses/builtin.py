@@ -1,5 +1,6 @@
-"""Built-in losses: Proteus' token / feature / patch objectives (papers/000 sec. 3.2) and FD's whitened
-feature-map loss (papers/004 eq. 1). The patch-level math runs in :func:`kdforge.ops.whitened_loss`."""
+"""Built-in losses: Proteus' token / feature / patch objectives (papers/000 sec. 3.2), FD's whitened
+feature-map loss (papers/004 eq. 1) and supervised cross-entropy (:mod:`kdforge.losses.supervised`). The
+patch-level math runs in :func:`kdforge.ops.whitened_loss`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from kdforge.errors import RecipeError
 from kdforge.losses import DistillLoss
+from kdforge.losses.supervised import SupervisedCELoss
 from kdforge.ops import masked_gather, whitened_loss
 from kdforge.plugins import hookimpl
 from kdforge.ranges import PositiveFloat
@@ -153,4 +155,4 @@ class FDFeatureLoss(DistillLoss):
 
 @hookimpl
 def kdforge_register_losses():
-    return [ProteusTokenLoss, ProteusFeatureLoss, ProteusPatchLoss, FDFeatureLoss]
+    return [ProteusTokenLoss, ProteusFeatureLoss, ProteusPatchLoss, FDFeatureLoss, SupervisedCELoss]

@@ -28,13 +28,24 @@ from kdforge.ranges import NonNegativeFloat
 from kdforge.recipe.schema import build, did_you_mean, to_dict
 
 __all__ = [
-    "EvalConfig", "OptimConfig", "Recipe", "RunConfig", "TrainConfig",
-    "load_recipe", "parse_override", "resolve", "to_dict", "dump_toml",
+    "EvalConfig", "OptimConfig", "Recipe", "RunConfig", "TrainConfig", "LOSS_TABLE_KEYS", "STUDENT_TABLE_KEYS",
+    "load_recipe", "parse_override", "plugin_table", "resolve", "to_dict", "dump_toml",
 ]
 
 #: Keys of a [losses.<label>] table that the engine reads (the others are the loss plugin's Config).
 LOSS_TABLE_KEYS = {"weight": NonNegativeFloat}
 """weight: the loss's factor in the total (default 1.0; 0 keeps it computed and logged but not trained on)."""
+#: Keys of the [student] table that the engine reads (the others are the student plugin's Config).
+STUDENT_TABLE_KEYS = {"init_from": str}
+"""init_from: start from the student weights of a run directory (its last.pt) or of a run checkpoint file, e.g.
+a distillation run to fine-tune; "" or "none" starts from the student's own initialisation
+(:func:`kdforge.engine.runs.init_student`)."""
+
+
+def plugin_table(table: dict[str, Any], engine_keys: dict[str, Any]) -> dict[str, Any]:
+    """A component table without the keys the engine reads (``engine_keys``): what the plugin is built from."""
+    return {k: v for k, v in table.items() if k not in engine_keys}
+
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -143,11 +154,13 @@ def resolve(recipe: Recipe) -> None:
         cls = registry.get(kind, name, where)
         build(cls.Config, table, where, extra=engine_keys)
 
-    for section, kind in (("teacher", "teachers"), ("student", "students"), ("data", "data_sources")):
+    for section, kind in (("student", "students"), ("data", "data_sources")):
         table = getattr(recipe, section)
         if not table:
             raise RecipeError(f"the recipe needs a [{section}] table with `plugin = \"...\"`")
-        check(kind, table, section)
+        check(kind, table, section, engine_keys=STUDENT_TABLE_KEYS if section == "student" else None)
+    if recipe.teacher:
+        check("teachers", recipe.teacher, "teacher")
     if recipe.masker:
         check("maskers", recipe.masker, "masker")
     if not recipe.losses:
@@ -156,6 +169,10 @@ def resolve(recipe: Recipe) -> None:
         if not isinstance(table, dict):
             raise RecipeError(f"losses.{label} must be a table like [losses.{label}] plugin = \"proteus.token\"")
         check("losses", table, f"losses.{label}", engine_keys=LOSS_TABLE_KEYS)
+        if not recipe.teacher and registry.get("losses", table["plugin"], f"losses.{label}").reads_teacher:
+            raise RecipeError(f"losses.{label} ({table['plugin']}) distils a teacher but the recipe has no [teacher] "
+                              "table: add [teacher] plugin = \"...\" (only supervised losses such as supervised.ce "
+                              "train without one)")
     if recipe.eval.evaluators:
         if not recipe.eval.data:
             raise RecipeError("[eval] has evaluators but no [eval.data] table naming a labelled data source")

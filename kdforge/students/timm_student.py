@@ -230,6 +230,41 @@ class TimmStudent(Student):
         kdforge.engine.optim)."""
         return {"mask_token"}
 
+    def layer_ids(self) -> tuple[dict[str, int], int]:
+        """({parameter name: layer}, L) for layer-wise lr decay (:mod:`kdforge.engine.optim`), L = number of blocks:
+        layer 0 for what the model registers before its blocks (patch embedding, class / register tokens, position
+        embedding) and the mask token, b + 1 for block b and its own relative position bias, L + 1 for what comes
+        after the blocks (the final norm) and the shared relative position bias (as FD's released fine-tuning
+        code, whose ``get_vit_layer`` puts ``rel_pos_bias`` in the top layer)."""
+        blocks = list(self.model.blocks)
+        num_layers = len(blocks)
+        of_block = {id(p): b + 1 for b, blk in enumerate(blocks) for p in blk.parameters()}
+        ids: dict[str, int] = {"mask_token": 0}
+        seen_block = False
+        for name, p in self.model.named_parameters():
+            if id(p) in of_block:
+                seen_block = True
+                ids[f"model.{name}"] = of_block[id(p)]
+            else:
+                ids[f"model.{name}"] = num_layers + 1 if seen_block else 0
+        for b, bias in enumerate(getattr(self, "rel_pos_biases", ())):
+            ids.update({f"rel_pos_biases.{b}.{n}": b + 1 for n, _ in bias.named_parameters()})
+        if hasattr(self, "rel_pos_bias"):
+            ids.update({f"rel_pos_bias.{n}": num_layers + 1 for n, _ in self.rel_pos_bias.named_parameters()})
+        return ids, num_layers
+
+    def remap_state_dict(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The weights of this student with a shared relative position bias (``rel_pos_bias.table``) for this one
+        with one per block: the shared table copied into every block's (FD's released fine-tuning starts its
+        per-block biases from the distilled shared one, ``remap_pretrained_keys_vit``). Any other weights are
+        returned as they are (:func:`kdforge.engine.runs.load_student_state` then compares them key by key)."""
+        if "rel_pos_bias.table" not in weights or not hasattr(self, "rel_pos_biases"):
+            return weights
+        weights = dict(weights)
+        shared = weights.pop("rel_pos_bias.table")
+        weights.update({f"rel_pos_biases.{b}.table": shared.clone() for b in range(len(self.rel_pos_biases))})
+        return weights
+
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         pe = self.model.patch_embed

@@ -67,7 +67,7 @@ def test_encoder_with_the_wrong_output_shape_is_explained():
 
 
 def test_builtin_evaluators_are_registered_with_documented_configs(registry):
-    assert registry.names("evaluators") == ["knn", "linear_dinov2", "linear_probe"]
+    assert registry.names("evaluators") == ["classifier", "knn", "linear_dinov2", "linear_probe"]
     for comp in registry.components("evaluators"):
         assert issubclass(comp.cls, Evaluator)
         docs = field_docs(comp.cls.Config)
