@@ -72,6 +72,18 @@ def _smoke_run(factory, recipe: str):
 
 
 @pytest.fixture(scope="session")
+def tiny_two_step_run(tmp_path_factory):
+    """Run directory of a two-step run of tests/recipes/tiny.toml (teacher, masker, the three Proteus losses): what
+    the tests that read a finished run (fine-tuning's init_from, the landscape diagnostic) start from. Read-only."""
+    from cli_helpers import TINY, kdforge
+
+    out = tmp_path_factory.mktemp("tiny-two-step") / "run"
+    res = kdforge("train", TINY, "--output-dir", out, "--no-progress", "--set", "train.max_steps=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def proteus_smoke_run(tmp_path_factory):
     """Run directory of ``kdforge train plugins/proteus.toml --profile smoke`` (trained once per session)."""
     return _smoke_run(tmp_path_factory, "proteus.toml")

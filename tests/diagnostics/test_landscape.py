@@ -179,12 +179,9 @@ def test_grid_and_range_are_checked():
 
 
 # ------------------------------------------------------------------------------------------------- a tiny run
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("landscape") / "run"
-    res = kdforge("train", TINY, "--output-dir", run, "--no-progress", "--set", "train.max_steps=2")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return run
+@pytest.fixture
+def tiny_run(tiny_two_step_run):
+    return tiny_two_step_run
 
 
 def test_centre_of_a_run_is_its_training_objective_at_the_final_weights(tiny_run, tmp_path):

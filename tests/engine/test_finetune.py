@@ -158,13 +158,9 @@ def test_label_smoothing_matches_the_float64_formula():
 
 
 # ----------------------------------------------------------------------------------------------- init_from
-@pytest.fixture(scope="module")
-def tiny_distill_run(tmp_path_factory):
-    """A two-step distillation run of tests/recipes/tiny.toml (teacher, masker, three Proteus losses)."""
-    out = tmp_path_factory.mktemp("distill") / "run"
-    res = kdforge("train", TINY, "--output-dir", out, "--no-progress", "--set", "train.max_steps=2")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+@pytest.fixture
+def tiny_distill_run(tiny_two_step_run):
+    return tiny_two_step_run
 
 
 def test_init_from_loads_exactly_the_runs_student(tiny_distill_run, tmp_path):
