@@ -129,8 +129,8 @@ def _auto_augment(cfg: TransformConfig) -> Callable:
 
 def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
     """timm's posterize, also for 0 bits: "PosterizeIncreasing" at magnitude 10 (reached by rand-m9-mstd0.5's
-    magnitude noise) keeps 0 bits, which Pillow 13 (this project's) refuses and older Pillow (that timm and DeiT were written
-    against) turns into a black image. Same result here."""
+    magnitude noise) keeps 0 bits, which Pillow 13 (this project's) refuses and older Pillow (that timm and DeiT
+    were written against) turns into a black image. Same result here."""
     from PIL import Image, ImageOps
 
     if bits_to_keep >= 8:
