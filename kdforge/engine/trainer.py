@@ -72,8 +72,7 @@ class DistillModule(nn.Module):
             return {"masked": self.student(images, mask=mask)}
         b = images.shape[0]
         both = self.student(torch.cat([images, images]), mask=torch.cat([torch.zeros_like(mask), mask]))
-        return {"clean": dataclasses.replace(both, cls=both.cls[:b], patches=both.patches[:b]),
-                "masked": dataclasses.replace(both, cls=both.cls[b:], patches=both.patches[b:])}
+        return {"clean": _rows(both, slice(None, b)), "masked": _rows(both, slice(b, None))}
 
     def forward(self, images, mask, teacher_out, batch):
         outputs = self.student_views(images, mask)
@@ -87,6 +86,12 @@ class DistillModule(nn.Module):
             terms[label] = value.detach()
             total = total + self.weights[label] * value.float()
         return total, terms
+
+
+def _rows(out, rows: slice):
+    """The StudentOutput of the images ``rows`` of a batched forward."""
+    return dataclasses.replace(out, cls=out.cls[rows], patches=out.patches[rows],
+                               logits=None if getattr(out, "logits", None) is None else out.logits[rows])
 
 
 @dataclasses.dataclass

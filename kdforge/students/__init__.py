@@ -7,6 +7,7 @@ Contract (every student, built-in or third-party)::
     out.cls      # Tensor[B, D]     after the final norm
     out.patches  # Tensor[B, N, D]  after the final norm, N = gh * gw (no register tokens)
     out.grid     # (gh, gw)
+    out.logits   # Tensor[B, C] from the student's own classifier, or None (a student without one)
     student.features(images) -> Tensor[B, D]    # the CLS token after the norm, for evaluation
     student.intermediate_layers(images, n)      # optional: the last n blocks' StudentOutputs, oldest first,
                                                 # each after the final norm (the linear_dinov2 evaluator reads them)
@@ -44,6 +45,8 @@ class StudentOutput:
     """Tensor[B, N, D]: patch tokens after the final norm, row-major over the grid, no register tokens."""
     grid: tuple[int, int]
     """(gh, gw): the patch grid of ``patches``."""
+    logits: Tensor | None = None
+    """Tensor[B, C]: the student's own classifier output (students built with ``num_classes`` > 0), else None."""
 
 
 class Student(nn.Module):

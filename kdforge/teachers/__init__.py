@@ -8,6 +8,7 @@ Contract (every teacher, built-in or third-party)::
     out.patches  # Tensor[B, N, D]  patch tokens after the final norm, N = gh * gw, no register tokens
     out.grid     # (gh, gw)
     out.hidden   # list of Tensor[B, 1 + N, D] (CLS then patches) for the last `hidden_layers` blocks, or None
+    out.logits   # Tensor[B, C] task logits (a teacher adapted to a task), or None
     teacher.intermediate_layers(images, n)  # optional (timm ViT teachers): the last n blocks' TeacherOutputs,
                                             # oldest first, after the final norm (for the linear_dinov2 evaluator)
 
@@ -47,6 +48,8 @@ class TeacherOutput:
     """(gh, gw): the patch grid of ``patches``."""
     hidden: list[Tensor] | None = None
     """Outputs of the last ``hidden_layers`` blocks, oldest first, each Tensor[B, 1 + N, D] (CLS, then patches)."""
+    logits: Tensor | None = None
+    """Tensor[B, C]: task logits of a teacher adapted to a task (the "adapted" teacher), else None."""
 
 
 def to_plain_float(t: Tensor) -> Tensor:
@@ -131,6 +134,7 @@ class Teacher(nn.Module):
             patches=to_plain_float(out.patches),
             grid=tuple(out.grid),
             hidden=None if out.hidden is None else [to_plain_float(h) for h in out.hidden],
+            logits=None if getattr(out, "logits", None) is None else to_plain_float(out.logits),
         )
 
     def run_frozen(self, encode: Callable[[Tensor], Any], images: Tensor) -> Any:
