@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: accept a recipe whose schedule differs from the checkpoint's (optim.*, "
                        "train.epochs, loss weights, data paths); the models and the data never may")
+    train.add_argument("--stage", metavar="NAME", help="multi-stage recipes: run this stage only (the stages it reads "
+                       "must have finished)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ev = sub.add_parser("eval", help="evaluate a run's student (and teacher) with the recipe's [eval] evaluators")
     ev.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding recipe.toml and last.pt")
@@ -98,6 +100,11 @@ def cmd_train(args) -> int:
     from kdforge.engine import signals
     from kdforge.engine.trainer import Trainer
 
+    if recipe.stages:
+        return _train_stages(args, recipe, run_dir)
+    if args.stage:
+        raise KdforgeError(f"--stage {args.stage}: {args.recipe} has no [[stages]]; it is one stage, run it without "
+                           "--stage")
     # SIGTERM is a stop request from here on: building the Trainer can take long (a first-use teacher's training).
     with signals.stop_on_sigterm():
         try:
@@ -119,6 +126,32 @@ def cmd_train(args) -> int:
         shown = {k: v for k, v in summary.items() if k not in ("skipped_files", "final_metrics")}
         print(json.dumps(shown, indent=2))
         print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, curves.png, tb/, last.pt)")
+    return 0
+
+
+def _train_stages(args, recipe, run_dir: Path) -> int:
+    """``kdforge train`` of a multi-stage recipe (kdforge.engine.stages)."""
+    from kdforge.engine import signals
+    from kdforge.engine.stages import run_stages
+
+    if args.resume not in (None, "auto"):
+        raise KdforgeError("a multi-stage run resumes from its run directory: use --resume without a checkpoint path "
+                           "(each stage continues from its own last.pt)")
+    with signals.stop_on_sigterm():
+        try:
+            summary = run_stages(recipe, run_dir, resume=args.resume is not None, only=args.stage,
+                                 show_progress=not args.no_progress, allow_changes=args.allow_changes)
+        except signals.Preempted as exc:
+            stage = f" --stage {args.stage}" if args.stage else ""
+            print(f"kdforge: {exc}; continue with: kdforge train {args.recipe} --resume{stage} --output-dir {run_dir}",
+                  file=sys.stderr)
+            return 0
+    if summary:
+        for name, stage in summary["stages"].items():
+            shown = {k: v for k, v in stage.items() if k not in ("skipped_files", "final_metrics")}
+            print(json.dumps({name: shown}, indent=2))
+        print(f"run directory: {run_dir}  (summary.json; one sub-directory per stage: "
+              f"{', '.join(summary['stages']) or 'none finished'})")
     return 0
 
 

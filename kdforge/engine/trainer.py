@@ -61,21 +61,39 @@ class DistillModule(nn.Module):
         self.weights = weights
         self.views = {loss.view for loss in losses.values()}
 
-    def student_views(self, images: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
-        """{view: StudentOutput} for "clean" (no mask) and "masked" (``mask`` applied). With losses on both views,
-        one batched forward of [images; images] with masks [none; mask] (the released Proteus code's [x, x] with
-        [mask, None]); a view no loss reads is not computed, and without a mask both views are the clean one."""
-        if "masked" not in self.views or mask is None:
-            out = self.student(images)
-            return {"clean": out, "masked": out}
-        if "clean" not in self.views:
-            return {"masked": self.student(images, mask=mask)}
-        b = images.shape[0]
-        both = self.student(torch.cat([images, images]), mask=torch.cat([torch.zeros_like(mask), mask]))
-        return {"clean": _rows(both, slice(None, b)), "masked": _rows(both, slice(b, None))}
+    def student_views(self, images: torch.Tensor, mask: torch.Tensor | None,
+                      unmixed: torch.Tensor | None = None) -> dict[str, Any]:
+        """{view: StudentOutput} for "clean" (the image the teacher sees), "masked" (``mask`` applied) and "unmixed"
+        (``unmixed``: the image before Mixup / CutMix). The views that some loss reads and that differ go through
+        one batched forward, in the order clean, masked, unmixed: with Proteus' losses [images; images] with masks
+        [none; mask] (the released code's [x, x] with [mask, None]). Without a mask the masked view is the clean
+        one, without mixing the unmixed view is."""
+        wanted: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+        if "clean" in self.views or ("masked" in self.views and mask is None) or \
+                ("unmixed" in self.views and unmixed is None):
+            wanted.append(("clean", images, None))
+        if "masked" in self.views and mask is not None:
+            wanted.append(("masked", images, mask))
+        if "unmixed" in self.views and unmixed is not None:
+            wanted.append(("unmixed", unmixed, None))
+        if len(wanted) == 1:
+            _, x, m = wanted[0]
+            outputs = {wanted[0][0]: self.student(x, mask=m) if m is not None else self.student(x)}
+        else:
+            masks = None
+            if mask is not None and any(m is not None for _, _, m in wanted):
+                masks = torch.cat([m if m is not None else torch.zeros_like(mask) for _, _, m in wanted])
+            x = torch.cat([x for _, x, _ in wanted])
+            both = self.student(x, mask=masks) if masks is not None else self.student(x)
+            b = images.shape[0]
+            outputs = {view: _rows(both, slice(i * b, (i + 1) * b)) for i, (view, _, _) in enumerate(wanted)}
+        if "clean" in outputs:
+            for view in ("masked", "unmixed"):
+                outputs.setdefault(view, outputs["clean"])
+        return outputs
 
-    def forward(self, images, mask, teacher_out, batch):
-        outputs = self.student_views(images, mask)
+    def forward(self, images, mask, teacher_out, batch, unmixed=None):
+        outputs = self.student_views(images, mask, unmixed)
         n = next(iter(outputs.values())).patches.shape[1]
         batch = dict(batch, mask=mask if mask is not None else
                      torch.zeros(images.shape[0], n, dtype=torch.bool, device=images.device))
@@ -300,8 +318,17 @@ class Trainer:
         losses = dict(self.model.losses.items())
         self.reads_teacher = self.objective.reads_teacher
         self.needs_labels = any(l.needs_labels for l in losses.values())
+        # Unlabelled items (label -1) are allowed when every loss that reads labels ignores them (a transfer set of
+        # labelled and unlabelled images); mixed targets are made only when a loss reads them: a loss on the
+        # unmixed view reads the labels themselves (papers/002: mixing reaches only the distillation term).
+        self.labels_required = any(l.needs_labels and not getattr(l, "ignores_unlabelled", False)
+                                   for l in losses.values())
+        self.mix_targets = any(l.needs_labels and getattr(l, "view", "clean") != "unmixed" for l in losses.values())
+        self.keep_unmixed = any(getattr(l, "view", "clean") == "unmixed" for l in losses.values())
         self.mix = None
-        if BatchMix.enabled(r.augment):
+        if BatchMix.enabled(r.augment) and not self.mix_targets:
+            self.mix = BatchMix(r.augment, self.num_classes or 1)  # the targets are not read
+        elif BatchMix.enabled(r.augment):
             if not self.num_classes:
                 raise RecipeError(f"augment.mixup / augment.cutmix mix the labels too, but the training data "
                                   f"([data] {r.data.get('plugin')}) does not say how many classes it has: use a "
@@ -385,13 +412,16 @@ class Trainer:
             listing = "\n".join(f"  {path}: {reason}" for path, reason in batch["skipped"][:20])
             raise DataError(f"none of the first {len(items)} training images could be read:\n{listing}\nCheck that "
                             "[data] points at the data set you meant (root, urls) and that its files are images.")
-        if self.needs_labels or self.mix is not None:
-            self._check_labels(batch["label"])
+        self._check_labels(batch["label"])
         return {"image": batch["image"][:count], "label": batch["label"][:count]}
 
     def _check_labels(self, labels: torch.Tensor) -> None:
-        """DataError unless every label (LongTensor[B], on the CPU) is a class of the training data."""
-        bad = labels < 0
+        """DataError unless every label (LongTensor[B], on the CPU) that a loss or the mixing reads is a class of the
+        training data; label -1 (unlabelled) passes where every label-reading loss ignores it."""
+        if not (self.needs_labels or (self.mix is not None and self.mix_targets)):
+            return
+        bad = labels < 0 if self.labels_required or (self.mix is not None and self.mix_targets) \
+            else torch.zeros_like(labels, dtype=torch.bool)
         if self.num_classes:
             bad |= labels >= self.num_classes
         if bool(bad.any()):
@@ -420,10 +450,14 @@ class Trainer:
                     mask[0, : max(1, mask.shape[1] // 2)] = True  # the masked path runs whatever the masker drew
                     mask = mask.to(self.device)
                 batch = {"image": images, "label": first["label"], "index": torch.arange(b), "skipped": []}
+                unmixed = None
                 if self.mix is not None:
-                    images, batch["target"] = self.mix(images, first["label"], seed=0)
+                    unmixed = images.clone() if self.keep_unmixed else None
+                    images, target = self.mix(images, self._mix_labels(first["label"]), seed=0)
+                    if self.mix_targets:
+                        batch["target"] = target
                 with self._autocast():
-                    self.model(images, mask, self._teacher_forward(images), batch)
+                    self.model(images, mask, self._teacher_forward(images), batch, unmixed)
             except KdforgeError:
                 raise
             except (RuntimeError, ValueError, IndexError, AssertionError, TypeError) as exc:
@@ -435,6 +469,10 @@ class Trainer:
                 ) from exc
             finally:
                 self.model.train(was_training)
+
+    def _mix_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels BatchMix mixes into targets: unlabelled items (-1) as class 0 when no loss reads the targets."""
+        return labels if self.mix_targets else labels.clamp(min=0)
 
     def _autocast(self):
         return self.objective.autocast()
@@ -642,19 +680,21 @@ class Trainer:
             # label 0, not -1: a supervised loss must be able to read it (the stand-in's weight is 0 anyway)
             batch = dict(batch, image=images, label=torch.zeros(1, dtype=torch.long),
                          index=torch.zeros(1, dtype=torch.long))
-        elif self.needs_labels or self.mix is not None:
+        else:
             self._check_labels(batch["label"])
         step_seed = (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63)
+        unmixed = None
         if self.mix is not None:  # before the teacher: teacher and student see the same (mixed) view
-            images, target = self.mix(images, batch["label"], seed=step_seed)
-            batch = dict(batch, image=images, target=target)
+            unmixed = images.clone() if self.keep_unmixed else None  # BatchMix mixes in place
+            images, target = self.mix(images, self._mix_labels(batch["label"]), seed=step_seed)
+            batch = dict(batch, image=images, **({"target": target} if self.mix_targets else {}))
         teacher_out = self._teacher_forward(images)
         mask = None
         if self.masker is not None and "masked" in self.model.views:
             g = torch.Generator().manual_seed(step_seed)
             mask = self.masker(images.shape[0], self.grid, g).to(self.device, non_blocking=True)
         with self._autocast():
-            loss, terms = self.forward_model(images, mask, teacher_out, batch)
+            loss, terms = self.forward_model(images, mask, teacher_out, batch, unmixed)
         if not bool(torch.isfinite(loss)):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
             raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1} (terms: {detail}); "

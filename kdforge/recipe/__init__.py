@@ -124,15 +124,44 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), profi
     """Read, overlay, override, expand and validate a recipe (``data`` instead of a file for tests)."""
     raw = read_toml(path) if path is not None else copy.deepcopy(data or {})
     profiles = raw.get("profiles", {})
+    # Stages are reached by name from profiles and --set (stages.<name>.train.epochs): a table of them meanwhile.
+    stage_names = None
+    if "stages" in raw:
+        from kdforge.recipe.stages import as_named
+
+        raw["stages"] = as_named(raw["stages"])
+        stage_names = list(raw["stages"])
     if profile:
         if profile not in profiles:
             options = ", ".join(sorted(profiles)) or "none defined"
             hint = did_you_mean(profile, profiles) if profiles else ""
             raise RecipeError(f"unknown profile '{profile}' ({options}) {hint}".strip())
-        raw = deep_merge(raw, profiles[profile])
+        overlay = profiles[profile]
+        if isinstance(overlay, dict) and isinstance(overlay.get("stages"), list):
+            from kdforge.recipe.stages import as_named
+
+            overlay = dict(overlay, stages=as_named(overlay["stages"], f"profiles.{profile}.stages"))
+            raw.pop("stages", None)  # a profile's list of stages replaces the recipe's
+            stage_names = list(overlay["stages"])
+        raw = deep_merge(raw, overlay)
     for text in overrides:
         parts, value = parse_override(text)
+        if parts[0] == "stages" and stage_names is not None and len(parts) > 1 and parts[1] not in stage_names:
+            raise RecipeError(f"--set {'.'.join(parts)}: the recipe has no stage '{parts[1]}' (stages: "
+                              f"{', '.join(stage_names)}); {did_you_mean(parts[1], stage_names)}")
         _set(raw, parts, value)
+    if stage_names is not None or "stages" in raw:
+        from kdforge.recipe.stages import as_list, as_named
+
+        named = raw.get("stages", {})
+        if not isinstance(named, dict):
+            raise RecipeError("stages must be [[stages]] tables, each with name = \"...\"")
+        unknown = [n for n in named if n not in (stage_names or [])]
+        if unknown:
+            raise RecipeError(f"a profile or --set names stage '{unknown[0]}', which the recipe does not have "
+                              f"(stages: {', '.join(stage_names or []) or 'none'}); "
+                              f"{did_you_mean(unknown[0], stage_names or [])}")
+        raw["stages"] = as_list(as_named(as_list(named)))
     raw = _expand(raw, "recipe")
     recipe = build(Recipe, raw, "recipe")
     resolve(recipe)
@@ -144,6 +173,11 @@ def resolve(recipe: Recipe) -> None:
     from kdforge.plugins import get_registry
 
     registry = get_registry()
+    if recipe.stages:  # each stage is checked as a complete recipe: the recipe's own tables are their defaults
+        from kdforge.recipe.stages import stage_recipes
+
+        stage_recipes(recipe)
+        return
 
     def check(kind: str, table: dict, where: str, engine_keys: dict | None = None) -> None:
         table = dict(table)

@@ -158,3 +158,6 @@ class Recipe:
     """Evaluation of frozen features."""
     profiles: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Named overlays applied with --profile NAME."""
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """A multi-stage recipe's stages, run in order, each `name` plus the tables it sets over the recipe's own
+    (kdforge.recipe.stages); empty: the recipe is one stage."""

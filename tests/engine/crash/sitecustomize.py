@@ -2,7 +2,8 @@
 
 KDFORGE_TEST_KILL_IN_SAVE=N: SIGKILL in the middle of the N-th write of last.pt, as a machine losing power would:
 the real writer (checkpoint.atomic_save) has its temporary file half written, never renamed.
-KDFORGE_TEST_SIGTERM_AT_STEP=N: SIGTERM after optimizer step N, as a cluster scheduler would.
+KDFORGE_TEST_SIGTERM_AT_STEP=N: SIGTERM after optimizer step N, as a cluster scheduler would (with
+KDFORGE_TEST_SIGTERM_IN_RUN=TEXT: only in a run whose name contains TEXT, e.g. one stage of a multi-stage recipe).
 KDFORGE_TEST_SIGTERM_AT_CHECK=TEXT: SIGTERM at the first stop check (kdforge.engine.signals.check) whose "what"
 contains TEXT ("evaluation", "embedded teacher"), i.e. in the middle of that work.
 KDFORGE_TEST_SIGTERM_GROUP=1: send those SIGTERMs to the whole process group (DataLoader workers too), as Slurm
@@ -16,6 +17,7 @@ import signal
 
 _kill_in_save = int(os.environ.get("KDFORGE_TEST_KILL_IN_SAVE", "0"))
 _term_at = int(os.environ.get("KDFORGE_TEST_SIGTERM_AT_STEP", "0"))
+_term_in_run = os.environ.get("KDFORGE_TEST_SIGTERM_IN_RUN", "")
 _term_at_check = os.environ.get("KDFORGE_TEST_SIGTERM_AT_CHECK", "")
 _group = os.environ.get("KDFORGE_TEST_SIGTERM_GROUP", "") == "1"
 _growth_interval = int(os.environ.get("KDFORGE_TEST_SCALER_GROWTH_INTERVAL", "0"))
@@ -72,7 +74,7 @@ if _term_at:
 
     def train_step(self, micro):
         out = _orig_step(self, micro)
-        if self.step == _term_at:
+        if self.step == _term_at and _term_in_run in self.recipe.run.name:
             _sigterm()
         return out
 
