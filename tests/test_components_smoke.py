@@ -69,6 +69,9 @@ def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
         ("losses", "proteus.patch"): {},
         ("losses", "fd.feature"): {},
         ("losses", "supervised.ce"): {"num_classes": 4, "label_smoothing": 0.1},
+        ("losses", "distill.kl"): {"temperature": 2.0},
+        ("losses", "contrastive.global"): {"dim": 16},
+        ("losses", "cosine.patch"): {},
         ("data_sources", "procedural"): {"num_train": 8, "num_val": 4, "image_size": 16},
         ("data_sources", "digits"): {"image_size": 16},
         ("data_sources", "single_image"): {"num_train": 8, "num_val": 4, "crop_size": 16},
@@ -108,8 +111,8 @@ class _PixelEncoder:
 
 def _fake_outputs(b=3, n=16, ds=24, dt=32):
     s = StudentOutput(cls=torch.randn(b, ds, requires_grad=True), patches=torch.randn(b, n, ds, requires_grad=True),
-                      grid=(4, 4))
-    t = TeacherOutput(cls=torch.randn(b, dt), patches=torch.randn(b, n, dt), grid=(4, 4))
+                      grid=(4, 4), logits=torch.randn(b, 4, requires_grad=True))
+    t = TeacherOutput(cls=torch.randn(b, dt), patches=torch.randn(b, n, dt), grid=(4, 4), logits=torch.randn(b, 4))
     mask = torch.zeros(b, n, dtype=torch.bool)
     mask[0, :5] = True
     mask[2, 3:9] = True
@@ -145,7 +148,7 @@ def test_component_smoke(kind, name, tmp_path):
         assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
         loss.backward()
         assert all(p.grad is not None for p in loss_fn.parameters())
-        assert s.cls.grad is not None or s.patches.grad is not None
+        assert s.cls.grad is not None or s.patches.grad is not None or s.logits.grad is not None
     elif kind == "data_sources":
         source = REGISTRY.create(kind, table, "data")
         tf = build_transform(TransformConfig(image_size=16, scale=(0.5, 1.0)), train=True)

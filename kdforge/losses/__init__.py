@@ -20,10 +20,11 @@ recipe key ``weight`` is the engine's, not the loss's.
 Supervised stages (fine-tuning a student, adapting a teacher) run on the same engine: a loss that does not read
 the teacher (:attr:`reads_teacher` False; ``teacher_out`` is then None) lets a recipe leave ``[teacher]`` out, and
 the engine runs no teacher forward when no loss reads it. A loss that reads labels (:attr:`needs_labels`) finds
-``batch["label"]`` (LongTensor[B], every label valid: the engine refuses unlabelled images) and, when the recipe
-mixes images (``augment.mixup`` / ``augment.cutmix``), ``batch["target"]``: Tensor[B, C] soft targets, the mixed
-one-hot labels, not smoothed. A loss that owns a classifier implements ``predict(student_out) -> Tensor[B, C]``
-logits, which the "classifier" evaluator scores.
+``batch["label"]`` (LongTensor[B], every label valid: the engine refuses unlabelled images, unless the loss
+sets :attr:`ignores_unlabelled`, when label -1 marks them) and, when the recipe mixes images (``augment.mixup`` /
+``augment.cutmix``) and the loss reads the "clean" view, ``batch["target"]``: Tensor[B, C] soft targets, the mixed
+one-hot labels, not smoothed. A loss on the "unmixed" view reads ``batch["label"]`` alone. A loss that owns a
+classifier implements ``predict(student_out) -> Tensor[B, C]`` logits, which the "classifier" evaluator scores.
 """
 
 from __future__ import annotations
@@ -34,22 +35,33 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-View = Literal["clean", "masked"]
+View = Literal["clean", "masked", "unmixed"]
+"""The student views a loss may read. "clean": the augmented image, as the teacher sees it (after Mixup / CutMix
+when the recipe mixes). "masked": the same image with the masker's patches replaced by the mask token (the engine
+then requires a masker). "unmixed": the augmented image before Mixup/CutMix, for supervised terms that mixing must
+not reach (papers/002: mixing only for the distillation term); a loss on it reads ``batch["label"]``, never the
+mixed ``batch["target"]``."""
 
 
 class DistillLoss(nn.Module):
     name: ClassVar[str]
     #: True when the loss compares patch tokens, so the teacher's and student's patch grids must agree.
     needs_patches: ClassVar[bool] = False
-    #: The student view the loss reads: "clean" (the augmented image, as the teacher sees it) or "masked" (the same
-    #: image with the masker's patches replaced by the mask token; the engine then requires a masker).
-    view: ClassVar[View] = "clean"
+    #: The student view the loss reads (:data:`View`): "clean" (the augmented image, as the teacher sees it),
+    #: "masked" (the same image with the masker's patches replaced by the mask token; the engine then requires a
+    #: masker) or "unmixed" (the augmented image before Mixup/CutMix). A class attribute that an instance may
+    #: override: a loss whose config chooses its view sets ``self.view`` in ``__init__`` (supervised.ce's ``view``).
+    view: View = "clean"
     #: False for a loss that never reads ``teacher_out`` (a supervised loss): a recipe whose losses all say so may
     #: have no teacher, and the engine then runs none.
     reads_teacher: ClassVar[bool] = True
     #: True for a loss that reads the batch's labels: the training data must be labelled, and the loss is built
     #: with ``num_classes``.
     needs_labels: ClassVar[bool] = False
+    #: True for a label-reading loss that skips unlabelled items: the engine then accepts label -1 in the batch for
+    #: this loss (otherwise it refuses unlabelled images whenever a loss reads labels). Like :attr:`view`, an
+    #: instance may override it from its config (supervised.ce's ``unlabelled = "ignore"``).
+    ignores_unlabelled: bool = False
 
     @dataclasses.dataclass
     class Config:

@@ -1,6 +1,7 @@
 """Built-in losses: Proteus' token / feature / patch objectives (papers/000 sec. 3.2), FD's whitened
-feature-map loss (papers/004 eq. 1) and supervised cross-entropy (:mod:`kdforge.losses.supervised`). The
-patch-level math runs in :func:`kdforge.ops.whitened_loss`."""
+feature-map loss (papers/004 eq. 1), supervised cross-entropy (:mod:`kdforge.losses.supervised`) and the losses of
+task-specific distillation (:mod:`kdforge.losses.task`: distill.kl, contrastive.global, cosine.patch). The
+patch-level math of Proteus and FD runs in :func:`kdforge.ops.whitened_loss`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from kdforge.errors import RecipeError
 from kdforge.losses import DistillLoss
 from kdforge.losses.supervised import SupervisedCELoss
+from kdforge.losses.task import ContrastiveGlobalLoss, CosinePatchLoss, DistillKLLoss
 from kdforge.ops import masked_gather, whitened_loss
 from kdforge.plugins import hookimpl
 from kdforge.ranges import PositiveFloat
@@ -155,4 +157,5 @@ class FDFeatureLoss(DistillLoss):
 
 @hookimpl
 def kdforge_register_losses():
-    return [ProteusTokenLoss, ProteusFeatureLoss, ProteusPatchLoss, FDFeatureLoss, SupervisedCELoss]
+    return [ProteusTokenLoss, ProteusFeatureLoss, ProteusPatchLoss, FDFeatureLoss, SupervisedCELoss, DistillKLLoss,
+            ContrastiveGlobalLoss, CosinePatchLoss]

@@ -3,6 +3,8 @@ papers/004; the student fine-tuning of task-oriented transfer, papers/001), run 
 
 The classifier head belongs to the loss (like a distillation loss's projection head), so the student stays a pure
 encoder and its checkpoint keys are those of the distillation run it may start from (``[student] init_from``).
+With ``head = "student"`` the loss reads the student's own classifier instead (``StudentOutput.logits``): the task
+loss of task-specific distillation (papers/002 eq. 2), whose KL term (``distill.kl``) reads the same logits.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdforge.errors import RecipeError, ShapeError
+from kdforge.errors import DataError, RecipeError, ShapeError
 from kdforge.losses import DistillLoss
 from kdforge.ranges import NonNegativeInt, PositiveFloat, Range
 
@@ -48,8 +50,10 @@ class ClassifierHead(nn.Module):
         return self.linear(self.fc_norm(pooled))
 
 
-def soft_target_cross_entropy(logits: Tensor, target: Tensor, smoothing: float = 0.0) -> Tensor:
-    """Mean over rows of ``-sum_c t_c log softmax(logits)_c`` with ``t = (1 - smoothing) * target + smoothing / C``.
+def soft_target_cross_entropy(logits: Tensor, target: Tensor, smoothing: float = 0.0,
+                              reduction: Literal["mean", "none"] = "mean") -> Tensor:
+    """Mean over rows of ``-sum_c t_c log softmax(logits)_c`` with ``t = (1 - smoothing) * target + smoothing / C``
+    (``reduction = "none"``: the Tensor[B] of rows).
 
     ``target``: Tensor[B, C] rows summing to 1 (one-hot labels, or Mixup / CutMix's mixed ones). With one-hot
     targets this is torch's ``cross_entropy(label_smoothing=smoothing)`` and timm's LabelSmoothingCrossEntropy;
@@ -57,13 +61,17 @@ def soft_target_cross_entropy(logits: Tensor, target: Tensor, smoothing: float =
     """
     c = logits.shape[-1]
     t = target.to(logits.dtype) * (1.0 - smoothing) + smoothing / c
-    return -(t * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    rows = -(t * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+    return rows if reduction == "none" else rows.mean()
 
 
 class SupervisedCELoss(DistillLoss):
-    """Cross-entropy of a classifier head on the student's pooled tokens against the batch's labels (or the mixed
-    soft targets when the recipe sets ``augment.mixup`` / ``augment.cutmix``), with label smoothing. Reads no
-    teacher: a recipe of supervised losses alone needs no ``[teacher]``."""
+    """Cross-entropy of a classifier head on the student's pooled tokens (or of the student's own classifier,
+    ``head = "student"``) against the batch's labels (or the mixed soft targets when the recipe sets
+    ``augment.mixup`` / ``augment.cutmix`` and the loss reads the "clean" view), with label smoothing. Reads no
+    teacher: a recipe of supervised losses alone needs no ``[teacher]``. With ``unlabelled = "ignore"`` the batch
+    may hold unlabelled items (label -1, e.g. synthetic images only the distillation term reads): the loss is the
+    mean over the labelled items alone."""
 
     name = "supervised.ce"
     reads_teacher = False
@@ -79,9 +87,20 @@ class SupervisedCELoss(DistillLoss):
         """Classes of the head; 0 takes the training data source's (set it for data that does not know it)."""
         head_init_scale: PositiveFloat = 1e-3
         """Factor on the head's initial weights (FD and BEiT: 0.001, so training starts from near-uniform logits)."""
+        head: Literal["own", "student"] = "own"
+        """"own": a classifier head owned by this loss (pooling, head_init_scale); "student": no head, the student's
+        own classifier's logits (StudentOutput.logits; set student.num_classes)."""
+        unlabelled: Literal["error", "ignore"] = "error"
+        """"error": every item must be labelled; "ignore": unlabelled items (label -1) count for nothing, the loss is
+        the mean over the labelled ones (zero for a batch without any)."""
+        view: Literal["clean", "unmixed"] = "clean"
+        """The student view the loss reads: "clean" (after Mixup/CutMix, against the mixed targets) or "unmixed" (the
+        image before mixing, against the labels: papers/002 mixes for the distillation term only)."""
 
     def __init__(self, cfg, *, student_dim, teacher_dim, num_classes: int | None = None):
         super().__init__(cfg, student_dim=student_dim, teacher_dim=teacher_dim)
+        self.view = cfg.view
+        self.ignores_unlabelled = cfg.unlabelled == "ignore"
         if cfg.num_classes and num_classes and cfg.num_classes != num_classes:
             raise RecipeError(f"num_classes = {cfg.num_classes} but the training data has {num_classes} classes: "
                               "leave num_classes at 0 to take the data's")
@@ -89,19 +108,45 @@ class SupervisedCELoss(DistillLoss):
         if not self.num_classes or self.num_classes < 2:
             raise RecipeError(f"supervised.ce needs the number of classes (got {self.num_classes}): the training data "
                               "source does not give it; set num_classes in the loss's table")
-        self.head = ClassifierHead(student_dim, self.num_classes, cfg.pooling, cfg.head_init_scale)
+        if cfg.head == "own":
+            self.head = ClassifierHead(student_dim, self.num_classes, cfg.pooling, cfg.head_init_scale)
 
     def predict(self, student_out) -> Tensor:
-        """Logits Tensor[B, C] of the student's output."""
-        return self.head(student_out)
+        """Logits Tensor[B, C] of the student's output: this loss's head on the pooled tokens, or the student's own
+        classifier's (``head = "student"``)."""
+        if self.cfg.head == "own":
+            return self.head(student_out)
+        logits = getattr(student_out, "logits", None)
+        if logits is None:
+            raise ShapeError("supervised.ce with head = \"student\" reads the student's own logits but the student "
+                             f"gives none: give the student a classifier: student.num_classes = {self.num_classes}")
+        if logits.ndim != 2 or logits.shape[-1] != self.num_classes:
+            raise ShapeError(f"supervised.ce with head = \"student\" has {self.num_classes} classes but the student's "
+                             f"logits are {tuple(logits.shape)}: set student.num_classes = {self.num_classes}")
+        return logits
 
     def forward(self, student_out, teacher_out, batch):
         logits = self.predict(student_out).float()
-        target = batch.get("target")
+        label = batch.get("label")
+        # the unmixed view is the image before Mixup/CutMix: its targets are the labels, never the mixed ones
+        target = batch.get("target") if self.view == "clean" else None
         if target is None:
-            target = F.one_hot(batch["label"].to(logits.device), self.num_classes)
+            if label is None:
+                raise DataError("supervised.ce reads labels but the batch has none: train on labelled data")
+            # checked where the engine keeps the labels (the CPU: no device sync); on a GPU, one_hot would not check
+            if not self.ignores_unlabelled and bool((label < 0).any()):
+                raise DataError(f"supervised.ce got {int((label < 0).sum())} unlabelled items (label -1) in a batch of "
+                                f"{len(label)}: train on labelled data, or set unlabelled = \"ignore\" to skip them")
+            target = F.one_hot(label.to(logits.device).clamp(min=0), self.num_classes)
         elif target.shape[-1] != self.num_classes:
             raise ShapeError(f"supervised.ce has {self.num_classes} classes but the mixed targets have "
                              f"{target.shape[-1]}: the loss's num_classes must match the training data's")
-        loss = soft_target_cross_entropy(logits, target.to(logits.device), self.cfg.label_smoothing)
+        target = target.to(logits.device)
+        if self.ignores_unlabelled and label is not None:
+            # a weighted mean rather than a selection: no host sync, and a batch without labelled items gives a zero
+            # still in the graph (backward works, DDP sees every parameter take part)
+            labelled = (label.to(logits.device) >= 0).to(logits.dtype)
+            rows = soft_target_cross_entropy(logits, target, self.cfg.label_smoothing, reduction="none")
+            return (rows * labelled).sum() / labelled.sum().clamp(min=1.0), {}
+        loss = soft_target_cross_entropy(logits, target, self.cfg.label_smoothing)
         return loss, {}
