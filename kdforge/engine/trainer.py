@@ -196,6 +196,21 @@ def build_objective(recipe: Recipe, device: torch.device, *, num_classes: int | 
     )
 
 
+def student_classes(student: nn.Module) -> int:
+    """The number of classes of the student's own classifier (``num_classes`` of its config; 0: none)."""
+    return int(getattr(student, "num_classes", 0) or getattr(getattr(student, "cfg", None), "num_classes", 0) or 0)
+
+
+class _StudentClassifier:
+    """What the "classifier" evaluators score when no loss owns a classifier head: the student's own logits."""
+
+    @staticmethod
+    def predict(student_out) -> torch.Tensor:
+        if getattr(student_out, "logits", None) is None:
+            raise ShapeError("the student has num_classes set but gave no logits")
+        return student_out.logits
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded permutation per epoch, sharded over ranks, yielding (epoch, index, copy) so items can seed themselves.
 
@@ -389,11 +404,14 @@ class Trainer:
         registry = get_registry()
         scoring = [label for label, table in self.recipe.eval.evaluators.items()
                    if registry.get("evaluators", table.get("plugin"), f"eval.evaluators.{label}").reads == "logits"]
+        if not found and student_classes(self.student):
+            return _StudentClassifier()  # the student's own classifier (a task-specific student)
         if scoring and len(found) != 1:
             raise RecipeError(
                 f"eval.evaluators.{scoring[0]} scores the classifier head of the recipe's supervised loss, but the "
                 f"recipe has {len(found)} losses with one ({', '.join(found) or 'none'}): add one [losses.<label>] "
-                "plugin = \"supervised.ce\" (exactly one), or remove the evaluator")
+                "plugin = \"supervised.ce\" (exactly one), give the student its own classifier "
+                "(student.num_classes), or remove the evaluator")
         return losses[found[0]] if len(found) == 1 else None
 
     def _first_batch(self, count: int = 2) -> dict[str, torch.Tensor]:

@@ -112,7 +112,7 @@ def test_engine_mixes_the_batch_before_the_forward_and_scales_lr_per_layer(tmp_p
     trainer = Trainer(load_recipe(TINY_FT), tmp_path / "run", show_progress=False)
     seen = {}
 
-    def record(images, mask, teacher_out, batch):
+    def record(images, mask, teacher_out, batch, unmixed=None):
         seen.update(images=images.clone(), target=batch["target"].clone(), teacher_out=teacher_out)
         return sum(p.sum() for p in trainer.model.parameters()) * 0.0, {"ce": torch.tensor(1.0)}
 
