@@ -23,8 +23,8 @@ from kdforge.teachers import TeacherOutput
 
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
 _spec = importlib.util.spec_from_file_location("model_helpers", Path(__file__).parent / "models" / "model_helpers.py")
-HUBCONF = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(HUBCONF)
+MODEL_HELPERS = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(MODEL_HELPERS)
 
 
 def _images(root: Path, n: int = 6) -> Path:
@@ -56,14 +56,20 @@ def _shard(path: Path, n: int = 6) -> str:
 def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
     hub = tmp / "hub"
     hub.mkdir(exist_ok=True)
-    (hub / "hubconf.py").write_text(HUBCONF.HUBCONF)
+    (hub / "hubconf.py").write_text(MODEL_HELPERS.HUBCONF)
+    encoder = {"teacher": {"plugin": "timm", "model": "vit_tiny_patch16_224", "model_kwargs": TINY_VIT},
+               "num_classes": 3}
+    if not (tmp / "adapt").exists():  # a finished adaptation run for the adapted teacher to read
+        MODEL_HELPERS.write_adaptation_run(tmp / "adapt", {"plugin": "encoder", **encoder})
     return {
         ("teachers", "timm"): {"model": "vit_tiny_patch16_224", "model_kwargs": TINY_VIT},
         ("teachers", "torch_hub"): {"repo": str(hub), "source": "local", "model": "dinov2_tiny", "pretrained": False},
         ("teachers", "embedded"): {"model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2},
                                    "image_size": 16, "epochs": 1, "batch_size": 16, "cache_dir": str(tmp / "cache"),
                                    "data": {"plugin": "procedural", "num_train": 32, "num_val": 16, "image_size": 16}},
+        ("teachers", "adapted"): {"run": str(tmp / "adapt")},
         ("students", "timm"): {"model": "vit_tiny_patch16_224", "model_kwargs": TINY_VIT, "drop_path_rate": 0.1},
+        ("students", "encoder"): encoder,
         ("losses", "proteus.token"): {},
         ("losses", "proteus.feature"): {"cls": "own_head"},  # the default shares proteus.token's head
         ("losses", "proteus.patch"): {},
@@ -134,9 +140,10 @@ def test_component_smoke(kind, name, tmp_path):
         student = REGISTRY.create(kind, table, "student")
         mask = torch.zeros(2, 16, dtype=torch.bool)
         mask[0, ::3] = True
-        out = student(images, mask=mask)
+        # a masked view where the student has a mask token (the encoder student adapts a task and has none)
+        out = student(images, mask=mask if hasattr(student, "mask_token") else None)
         assert out.patches.shape == (2, 16, student.embed_dim)
-        (out.cls.sum() + out.patches.sum()).backward()
+        (out.cls.sum() + out.patches.sum() + (out.logits.sum() if out.logits is not None else 0)).backward()
         assert all(p.grad is not None for n, p in student.named_parameters() if p.requires_grad), \
             [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
         assert student.features(images).shape == (2, student.embed_dim)

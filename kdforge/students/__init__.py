@@ -13,7 +13,8 @@ Contract (every student, built-in or third-party)::
                                                 # each after the final norm (the linear_dinov2 evaluator reads them)
 
 The student owns its input normalisation. Where ``mask`` (BoolTensor[B, N]) is True the patch embedding is
-replaced by a learnable mask token before the position embedding is added (iBOT / DINOv2).
+replaced by a learnable mask token before the position embedding is added (iBOT / DINOv2); students without patch
+tokens to mask (the timm student on a CNN, the "encoder" student) refuse a mask with a KdforgeError.
 
 Also here: :class:`ProjectionHead` (Proteus A.9: LayerNorm + Linear, maps student width to teacher width),
 :func:`check_grids` (teacher and student patch grids must agree for patch-level losses) and

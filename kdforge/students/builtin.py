@@ -7,6 +7,7 @@ from kdforge.plugins import hookimpl
 
 @hookimpl
 def kdforge_register_students() -> list[type]:
+    from kdforge.students.encoder import EncoderStudent
     from kdforge.students.timm_student import TimmStudent
 
-    return [TimmStudent]
+    return [TimmStudent, EncoderStudent]

@@ -1,8 +1,15 @@
-"""The "timm" student: a timm vision transformer (VisionTransformer, DeiT, EVA ... ) trained from scratch.
+"""The "timm" student: any timm model trained from scratch (or from timm's weights), with its own classifier or none.
 
-Masked views: a forward hook on ``patch_embed`` swaps the masked patch embeddings for the learnable mask token, so
-the substitution happens before ``_pos_embed`` adds the position embedding (iBOT / DINOv2) whatever the family's
-own ``forward_features`` does next (registers, RoPE, patch dropout, ``dynamic_img_size``, gradient checkpointing).
+Vision transformers (VisionTransformer, DeiT, EVA ...: ``patch_embed`` and ``num_prefix_tokens``) give their CLS and
+patch tokens and can be masked: a forward hook on ``patch_embed`` swaps the masked patch embeddings for the learnable
+mask token, so the substitution happens before ``_pos_embed`` adds the position embedding (iBOT / DINOv2) whatever
+the family's own ``forward_features`` does next (registers, RoPE, patch dropout, ``dynamic_img_size``, gradient
+checkpointing).
+
+Every other model (the small task models of papers/001 and 002: FastViT, MobileViT-V2, ResNet, MobileNet,
+ConvNeXt; hierarchical transformers such as Swin) runs in feature-map mode: its last feature map is the patch grid
+and the mean of its positions is the CLS. Such a model has no patch tokens to mask, so masked views, kdforge's
+attention, relative position biases, per-block outputs and layer-wise lr decay are refused with a message.
 """
 
 from __future__ import annotations
@@ -13,16 +20,20 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from kdforge.errors import KdforgeError
-from kdforge.ranges import ColourStd
+from kdforge.errors import KdforgeError, ShapeError
+from kdforge.ranges import ColourStd, NonNegativeInt
 from kdforge.students import Student, StudentOutput, check_images, check_mask
 from kdforge.teachers import patch_grid
 from kdforge.teachers.timm_utils import (
+    block_layer_ids,
     check_input_size,
     create_timm_model,
+    is_token_model,
     last_block_tokens,
     model_mean_std,
     model_patch_size,
+    output_stride,
+    probe_grid,
     split_tokens,
 )
 
@@ -118,22 +129,25 @@ class KdforgeAttention(nn.Module):
 
 
 class TimmStudent(Student):
-    """A timm ViT with a learnable mask token and its own input normalisation."""
+    """A timm model with its own input normalisation: a ViT with a learnable mask token, or any other model (CNN,
+    hybrid, hierarchical) in feature-map mode; with timm's own classifier when ``num_classes`` > 0."""
 
     name = "timm"
 
     @dataclasses.dataclass
     class Config:
         model: str = "vit_small_patch14_dinov2"
-        """timm model name of a vision transformer (patch_embed, cls_token, pos_embed, blocks, norm)."""
+        """timm model name: a ViT (maskable tokens) or any other model, e.g. fastvit_s12 (feature-map mode)."""
         model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
         """Keyword arguments for timm.create_model (img_size, patch_size, embed_dim, depth, num_heads, reg_tokens ...)."""
         pretrained: bool = False
         """Start from timm's pretrained weights (Proteus starts from random weights: inheriting them hurt, A.8)."""
+        num_classes: NonNegativeInt = 0
+        """Classes of timm's own classifier, whose output forward gives as logits (0: no classifier, logits None)."""
         drop_path_rate: float = 0.0
         """Stochastic depth rate of the last block (timm decays it linearly from 0 at the first)."""
         attention: Literal["timm", "kdforge"] = "timm"
-        """Attention computation: timm's own, or kdforge.ops.attention (fused kernels) with the same weights."""
+        """A ViT's attention computation: timm's own, or kdforge.ops.attention (fused kernels), same weights."""
         attention_backend: Literal["auto", "triton", "sdpa", "xformers", "reference"] = "auto"
         """Backend of kdforge.ops.attention when attention = "kdforge"."""
         rel_pos_bias: Literal["none", "shared", "per_block"] = "none"
@@ -141,7 +155,7 @@ class TimmStudent(Student):
         all blocks (FD's default, papers/004) or one per block (BEiT); "none" keeps only the model's pos_embed
         (FD drops it: model_kwargs.pos_embed = "none")."""
         mask_token_init: Literal["zeros", "trunc_normal"] = "zeros"
-        """Initial mask token: zeros (DINOv2) or truncated normal with std 0.02 (iBOT / BEiT)."""
+        """Initial mask token of a ViT: zeros (DINOv2) or truncated normal with std 0.02 (iBOT / BEiT)."""
         grad_checkpointing: bool = False
         """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
         mean: tuple[float, float, float] | None = None
@@ -160,22 +174,68 @@ class TimmStudent(Student):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.model_name = cfg.model
-        kwargs = {"num_classes": 0, "drop_path_rate": cfg.drop_path_rate, **cfg.model_kwargs}
+        if "num_classes" in cfg.model_kwargs:
+            raise KdforgeError(
+                "[student] model_kwargs.num_classes: set student.num_classes instead (the student then returns its "
+                "classifier's logits)"
+            )
+        kwargs = {"num_classes": cfg.num_classes, "drop_path_rate": cfg.drop_path_rate, **cfg.model_kwargs}
         self.model = create_timm_model(cfg.model, pretrained=cfg.pretrained, kwargs=kwargs, where="student")
         m = self.model
-        missing = [a for a in ("patch_embed", "blocks", "norm", "forward_features") if not hasattr(m, a)]
-        if missing or model_patch_size(m) is None or not hasattr(m, "num_prefix_tokens"):
-            raise KdforgeError(
-                f"[student] '{cfg.model}' is not a vision transformer kdforge can mask (it lacks "
-                f"{', '.join(missing) or 'patch_embed.patch_size / num_prefix_tokens'}): choose a timm ViT such as "
-                "vit_small_patch14_dinov2, deit_small_patch16_224 or eva02_small_patch14_224"
-            )
-        self.embed_dim = int(getattr(m, "num_features", m.embed_dim))
-        self._patch_hw = model_patch_size(m)
-        self.patch_size = self._patch_hw[0]
+        #: True for a maskable ViT (tokens on a patch grid), False in feature-map mode (CNNs and the like).
+        self.token_model = is_token_model(m) and all(hasattr(m, a) for a in ("blocks", "norm", "forward_features"))
         mean, std = model_mean_std(m)
         self.register_buffer("mean", torch.tensor(cfg.mean or mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std or std).view(1, 3, 1, 1), persistent=False)
+        if self.token_model:
+            self._init_vit(cfg)
+        else:
+            self._init_feature_map(cfg)
+        if cfg.num_classes and not callable(getattr(m, "forward_head", None)):
+            raise KdforgeError(
+                f"[student] num_classes = {cfg.num_classes} needs a timm model with forward_head(), which "
+                f"'{cfg.model}' lacks: set num_classes = 0 and train a loss head instead (supervised.ce)"
+            )
+
+    def _init_feature_map(self, cfg: Config) -> None:
+        """Feature-map mode: no mask token; the output stride as patch size; the grid probed per image size."""
+        m = self.model
+        if not callable(getattr(m, "forward_features", None)):
+            raise KdforgeError(
+                f"[student] timm model '{cfg.model}' has no forward_features(): kdforge cannot read its features; "
+                "choose a timm ViT, CNN or hybrid (fastvit_s12, mobilevitv2_100, resnet50, convnext_tiny ...)"
+            )
+        if cfg.attention == "kdforge":  # rel_pos_bias needs it (Config), so this refuses both
+            raise KdforgeError(
+                f"[student] '{cfg.model}' is not a vision transformer (feature-map mode): attention = 'kdforge' and "
+                "rel_pos_bias replace a ViT's token attention, which it does not have; set attention = 'timm' and "
+                "rel_pos_bias = 'none', or choose a ViT student"
+            )
+        self.embed_dim = int(m.num_features)
+        stride = output_stride(m)
+        self._patch_hw = (stride, stride)
+        self.patch_size = stride
+        self._probed: dict[tuple[int, int], tuple[int, int]] = {}
+        if cfg.grad_checkpointing:
+            try:
+                m.set_grad_checkpointing(True)
+            except (AttributeError, AssertionError, NotImplementedError) as exc:
+                raise KdforgeError(
+                    f"[student] timm model '{cfg.model}' does not support gradient checkpointing ({exc}): set "
+                    "grad_checkpointing = false"
+                ) from None
+
+    def _feature_map_only(self, what: str, fix: str) -> KdforgeError:
+        return KdforgeError(
+            f"student {self.model_name} is not a vision transformer (it runs in feature-map mode: its patches are the "
+            f"last feature map of a CNN or hierarchical model): {what}; {fix}"
+        )
+
+    def _init_vit(self, cfg: Config) -> None:
+        m = self.model
+        self.embed_dim = int(getattr(m, "num_features", m.embed_dim))
+        self._patch_hw = model_patch_size(m)
+        self.patch_size = self._patch_hw[0]
 
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         if cfg.mask_token_init == "trunc_normal":
@@ -228,25 +288,21 @@ class TimmStudent(Student):
     def no_weight_decay(self) -> set[str]:
         """The mask token, like timm's class token, is not decayed (the timm model names its own, see
         kdforge.engine.optim)."""
-        return {"mask_token"}
+        return {"mask_token"} if self.token_model else set()
 
     def layer_ids(self) -> tuple[dict[str, int], int]:
         """({parameter name: layer}, L) for layer-wise lr decay (:mod:`kdforge.engine.optim`), L = number of blocks:
         layer 0 for what the model registers before its blocks (patch embedding, class / register tokens, position
         embedding) and the mask token, b + 1 for block b and its own relative position bias, L + 1 for what comes
         after the blocks (the final norm) and the shared relative position bias (as FD's released fine-tuning
-        code, whose ``get_vit_layer`` puts ``rel_pos_bias`` in the top layer)."""
-        blocks = list(self.model.blocks)
-        num_layers = len(blocks)
-        of_block = {id(p): b + 1 for b, blk in enumerate(blocks) for p in blk.parameters()}
-        ids: dict[str, int] = {"mask_token": 0}
-        seen_block = False
-        for name, p in self.model.named_parameters():
-            if id(p) in of_block:
-                seen_block = True
-                ids[f"model.{name}"] = of_block[id(p)]
-            else:
-                ids[f"model.{name}"] = num_layers + 1 if seen_block else 0
+        code, whose ``get_vit_layer`` puts ``rel_pos_bias`` in the top layer). ViTs only."""
+        if not self.token_model:
+            raise self._feature_map_only(
+                "layer-wise lr decay numbers the blocks of a ViT, and this model has none",
+                "set optim.layer_decay = 1.0",
+            )
+        ids, num_layers = block_layer_ids(self.model, "model.")
+        ids["mask_token"] = 0
         for b, bias in enumerate(getattr(self, "rel_pos_biases", ())):
             ids.update({f"rel_pos_biases.{b}.{n}": b + 1 for n, _ in bias.named_parameters()})
         if hasattr(self, "rel_pos_bias"):
@@ -267,6 +323,10 @@ class TimmStudent(Student):
 
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if not self.token_model:  # the grid depends on the model's padding and strides: ask it once per size
+            if (h, w) not in self._probed:
+                self._probed[(h, w)] = probe_grid(self.model, h, w, model_name=self.model_name)
+            return self._probed[(h, w)]
         pe = self.model.patch_embed
         if getattr(pe, "dynamic_img_pad", False):
             return tuple(int(v) for v in pe.dynamic_feat_size((h, w)))
@@ -280,6 +340,10 @@ class TimmStudent(Student):
         return self.grid((h, w))
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> StudentOutput:
+        """Tensor[B, 3, H, W] in [0, 1] (and, for a ViT, BoolTensor[B, N] mask) -> :class:`StudentOutput`, with
+        the classifier's logits Tensor[B, num_classes] when ``num_classes`` > 0."""
+        if not self.token_model:
+            return self._forward_feature_map(images, mask)
         grid = self._checked_grid(images)
         h, w = images.shape[-2:]
         x = (images - self.mean) / self.std
@@ -292,11 +356,39 @@ class TimmStudent(Student):
         finally:
             self._pending_mask = None
         cls, patches, grid = split_tokens(self.model, y, (h, w), model_name=self.model_name)
-        return StudentOutput(cls=cls, patches=patches, grid=grid)
+        return StudentOutput(cls=cls, patches=patches, grid=grid, logits=self._logits(y))
+
+    def _logits(self, features: Tensor) -> Tensor | None:
+        """timm's classifier on a ``forward_features`` output (None without one)."""
+        return self.model.forward_head(features) if self.cfg.num_classes else None
+
+    def _forward_feature_map(self, images: Tensor, mask: Tensor | None) -> StudentOutput:
+        if mask is not None:
+            raise self._feature_map_only(
+                "a CNN has no patch tokens to mask and no mask token",
+                "drop the losses that read the masked view (proteus.patch ...) and the [masker] table, or choose a "
+                "ViT student",
+            )
+        check_images(images, f"student {self.model_name}")
+        h, w = images.shape[-2:]
+        y = self.model.forward_features((images - self.mean) / self.std)
+        cls, patches, grid = split_tokens(self.model, y, (h, w), model_name=self.model_name)
+        if patches.shape[-1] != self.embed_dim:
+            raise ShapeError(
+                f"student {self.model_name}: forward_features gave {patches.shape[-1]} channels but the model's "
+                f"num_features is {self.embed_dim}; this timm model's last feature map is not its feature width"
+            )
+        self._probed.setdefault((h, w), grid)
+        return StudentOutput(cls=cls, patches=patches, grid=grid, logits=self._logits(y))
 
     def intermediate_layers(self, images: Tensor, n: int) -> list[StudentOutput]:
         """The last ``n`` blocks' outputs, oldest first, each after the final norm like :meth:`forward`'s (whose
-        output equals the last item): Tensor[B, 3, H, W] in [0, 1] -> n StudentOutputs. No mask."""
+        output equals the last item): Tensor[B, 3, H, W] in [0, 1] -> n StudentOutputs. No mask. ViTs only."""
+        if not self.token_model:
+            raise self._feature_map_only(
+                "it has no per-block tokens to give",
+                "evaluate it with an evaluator that reads the final features (knn, linear_probe), not linear_dinov2",
+            )
         self._checked_grid(images)
         x = (images - self.mean) / self.std
         layers = last_block_tokens(self.model, x, n, role="student", model_name=self.model_name)

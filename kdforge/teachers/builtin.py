@@ -7,8 +7,9 @@ from kdforge.plugins import hookimpl
 
 @hookimpl
 def kdforge_register_teachers() -> list[type]:
+    from kdforge.teachers.adapted import AdaptedTeacher
     from kdforge.teachers.embedded import EmbeddedTeacher
     from kdforge.teachers.hub import TorchHubTeacher
     from kdforge.teachers.timm_teacher import TimmTeacher
 
-    return [TimmTeacher, TorchHubTeacher, EmbeddedTeacher]
+    return [TimmTeacher, TorchHubTeacher, EmbeddedTeacher, AdaptedTeacher]

@@ -17,10 +17,12 @@ from kdforge.teachers.checkpoint import load_into, read_state_dict
 from kdforge.teachers.timm_utils import (
     check_input_size,
     create_timm_model,
+    is_token_model,
     last_block_tokens,
     model_mean_std,
     model_patch_size,
     norm_after_pool,
+    output_stride,
     pool_patches,
     probe_grid,
     split_tokens,
@@ -71,9 +73,8 @@ class TimmBackedTeacher(Teacher):
         self.set_normalization(mean or model_mean, std or model_std)
         self.embed_dim = int(getattr(model, "num_features", getattr(model, "embed_dim", 0)))
         # The output stride: the patch size for ViTs, 32 for a ResNet or Swin (whose patch_embed is only its stem).
-        reduction = int((getattr(model, "feature_info", None) or [{}])[-1].get("reduction", 0))
-        self._token_model = hasattr(model, "num_prefix_tokens") and model_patch_size(model) is not None
-        self._patch_hw = model_patch_size(model) if self._token_model else (reduction, reduction)
+        self._token_model = is_token_model(model)
+        self._patch_hw = model_patch_size(model) if self._token_model else (output_stride(model),) * 2
         self.patch_size = self._patch_hw[0]
         self._probed: dict[tuple[int, int], tuple[int, int]] = {}
         self.freeze()

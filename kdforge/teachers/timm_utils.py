@@ -22,6 +22,10 @@ __all__ = [
     "split_tokens",
     "pool_patches",
     "last_block_tokens",
+    "is_token_model",
+    "output_stride",
+    "probe_grid",
+    "block_layer_ids",
 ]
 
 
@@ -67,6 +71,18 @@ def model_patch_size(model: nn.Module) -> tuple[int, int] | None:
     if ps is None:
         return None
     return (int(ps), int(ps)) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+
+
+def is_token_model(model: nn.Module) -> bool:
+    """True for timm vision transformers whose tokens map onto a patch grid (``patch_embed.patch_size`` and
+    ``num_prefix_tokens``); False for CNNs and hierarchical models (Swin), whose output is a feature map."""
+    return hasattr(model, "num_prefix_tokens") and model_patch_size(model) is not None
+
+
+def output_stride(model: nn.Module) -> int:
+    """Pixels per output position of a timm model's last feature map (``feature_info``'s reduction: 32 for a
+    ResNet, MobileNet or Swin, whose patch_embed is only its stem), 0 where the model does not say."""
+    return int((getattr(model, "feature_info", None) or [{}])[-1].get("reduction", 0))
 
 
 def check_input_size(model: nn.Module, height: int, width: int, *, role: str, model_name: str) -> None:
@@ -166,8 +182,7 @@ def last_block_tokens(model: nn.Module, x: Tensor, n: int, *, role: str, model_n
     fewer than ``n`` blocks.
     """
     depth = len(getattr(model, "blocks", None) or ())
-    token_model = hasattr(model, "num_prefix_tokens") and model_patch_size(model) is not None
-    if not (hasattr(model, "forward_intermediates") and depth and token_model):
+    if not (hasattr(model, "forward_intermediates") and depth and is_token_model(model)):
         raise KdforgeError(
             f"{role} {model_name} gives no per-block tokens: that needs a timm vision transformer (blocks, "
             "num_prefix_tokens, forward_intermediates), not a CNN or a hierarchical model"
@@ -187,8 +202,35 @@ def last_block_tokens(model: nn.Module, x: Tensor, n: int, *, role: str, model_n
 
 @torch.no_grad()
 def probe_grid(model: nn.Module, height: int, width: int, *, model_name: str) -> tuple[int, int]:
-    """The output grid of a model without a patch embedding (CNNs), by running it once on a blank image."""
+    """The output grid of a model without a patch embedding (CNNs), by running it once on a blank image.
+
+    The pass runs in eval mode (each module's mode is restored afterwards): a training model's batch norms would
+    otherwise fold the blank image into their running statistics, or fail on a 1 x 1 map of one image."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    y = model.forward_features(torch.zeros(1, 3, height, width, device=device))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        y = model.forward_features(torch.zeros(1, 3, height, width, device=device))
+    finally:
+        for m, training in modes:
+            m.training = training
     return split_tokens(model, y, (height, width), model_name=model_name)[2]
+
+
+def block_layer_ids(model: nn.Module, prefix: str) -> tuple[dict[str, int], int]:
+    """({``prefix`` + parameter name: layer}, L) of a timm ViT with L ``blocks``, for layer-wise lr decay
+    (:mod:`kdforge.engine.optim`): layer 0 for what the model registers before its blocks (patch embedding, class /
+    register tokens, position embedding), b + 1 for block b, L + 1 for what comes after them (final norm, head)."""
+    blocks = list(model.blocks)
+    num_layers = len(blocks)
+    of_block = {id(p): b + 1 for b, blk in enumerate(blocks) for p in blk.parameters()}
+    ids: dict[str, int] = {}
+    seen_block = False
+    for name, p in model.named_parameters():
+        if id(p) in of_block:
+            seen_block = True
+            ids[f"{prefix}{name}"] = of_block[id(p)]
+        else:
+            ids[f"{prefix}{name}"] = num_layers + 1 if seen_block else 0
+    return ids, num_layers

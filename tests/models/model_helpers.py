@@ -94,3 +94,50 @@ HUBCONF = textwrap.dedent(
         return nn.Linear(3, 3)
     '''
 )
+
+
+#: The tiny random timm ViT that the encoder student adapts in tests: 32 px images, 8 px patches (a 4x4 grid).
+TINY_ENCODER_TEACHER = {
+    "plugin": "timm", "model": TINY_MODEL,
+    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+}
+
+
+def write_adaptation_run(run_dir, student_table: dict, num_classes: int = 4, seed: int = 0):
+    """A finished adaptation run in ``run_dir`` as the engine writes one (recipe.toml, and last.pt in the format of
+    Trainer.state_dict: the student's weights under ``student.``), its student's weights moved away from a fresh
+    build's so that loading them shows. Returns that student, in eval mode."""
+    import warnings
+
+    import tomli_w
+    import torch
+
+    from kdforge.engine import checkpoint as ckpt
+    from kdforge.plugins import create
+    from kdforge.recipe import load_recipe, to_dict
+
+    raw = {
+        "run": {"name": "adapt", "device": "cpu"},
+        "data": {"plugin": "procedural", "num_classes": num_classes, "num_train": 8, "num_val": 4, "image_size": 32},
+        "student": student_table,
+        "losses": {"ce": {"plugin": "supervised.ce"}},
+    }
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.toml").write_text(tomli_w.dumps(raw))
+    recipe = load_recipe(run_dir / "recipe.toml")
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random timm weights on purpose
+        student = create("students", student_table, "student")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {
+        "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
+        "model": {f"student.{k}": v for k, v in student.state_dict().items()},
+        "optimizer": {"state": {}, "param_groups": []}, "scaler": {},
+        "step": 1, "epoch": 0, "batch_in_epoch": 1, "world_size": 1,
+        "rng": ckpt.rng_state(), "results": {}, "skips": {}, "recipe": to_dict(recipe),
+    }
+    ckpt.atomic_save(state, run_dir / "last.pt")
+    return student.eval()

@@ -7,10 +7,16 @@ import pytest
 import torch
 
 from kdforge.plugins import get_registry
-from model_helpers import TINY_MODEL, TINY_VIT
+from model_helpers import TINY_MODEL, TINY_VIT, write_adaptation_run
+
+#: The encoder student's tiny table: the tiny ViT probed with a linear head on 16 px images.
+ENCODER = {"teacher": {"plugin": "timm", "model": TINY_MODEL, "model_kwargs": TINY_VIT}, "num_classes": 3}
 
 
 def _tables(kind, tmp_path, hub_dir):
+    run = tmp_path / "adapt"
+    if kind == "teachers" and not run.exists():
+        write_adaptation_run(run, {"plugin": "encoder", **ENCODER})
     tables = {
         "teachers": {
             "timm": {"model": TINY_MODEL, "model_kwargs": TINY_VIT},
@@ -20,8 +26,10 @@ def _tables(kind, tmp_path, hub_dir):
                 "data": {"plugin": "procedural", "image_size": 16, "num_train": 128, "num_val": 32},
                 "image_size": 16, "epochs": 1, "batch_size": 64, "cache_dir": str(tmp_path), "progress": False,
             },
+            "adapted": {"run": str(run)},
         },
-        "students": {"timm": {"model": TINY_MODEL, "model_kwargs": TINY_VIT, "drop_path_rate": 0.1}},
+        "students": {"timm": {"model": TINY_MODEL, "model_kwargs": TINY_VIT, "drop_path_rate": 0.1},
+                     "encoder": ENCODER},
         "maskers": {"random": {}, "block": {}},
     }
     return tables[kind]
@@ -36,7 +44,7 @@ def test_every_builtin_component_has_a_smoke_case(kind, tmp_path, hub_dir):
     assert _builtin(kind) == sorted(_tables(kind, tmp_path, hub_dir)), f"add a tiny {kind} table to this file"
 
 
-@pytest.mark.parametrize("name", ["timm", "torch_hub", "embedded"])
+@pytest.mark.parametrize("name", ["timm", "torch_hub", "embedded", "adapted"])
 def test_teacher_smoke(name, tmp_path, hub_dir):
     import warnings
 
@@ -53,14 +61,22 @@ def test_teacher_smoke(name, tmp_path, hub_dir):
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
-def test_student_smoke(tmp_path, hub_dir):
-    table = {"plugin": "timm", **_tables("students", tmp_path, hub_dir)["timm"]}
-    student = get_registry().create("students", table, "student").train()
+@pytest.mark.parametrize("name", ["timm", "encoder"])
+def test_student_smoke(name, tmp_path, hub_dir):
+    import warnings
+
+    table = {"plugin": name, **_tables("students", tmp_path, hub_dir)[name]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random timm weights on purpose
+        student = get_registry().create("students", table, "student").train()
     masker = get_registry().create("maskers", {"plugin": "block", "mask_probability": 1.0}, "masker")
     x = torch.rand(2, 3, 16, 16)
     grid = student.grid((16, 16))
-    out = student(x, mask=masker(2, grid, torch.Generator().manual_seed(0)))
-    (out.cls.square().mean() + out.patches.square().mean()).backward()
+    # a student takes a masked view only where it has a mask token (the encoder student adapts a task: none)
+    mask = masker(2, grid, torch.Generator().manual_seed(0)) if hasattr(student, "mask_token") else None
+    out = student(x, mask=mask)
+    logits = out.logits.logsumexp(-1).mean() if out.logits is not None else 0
+    (out.cls.square().mean() + out.patches.square().mean() + logits).backward()
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert student.features(x).shape == (2, student.embed_dim)

@@ -140,8 +140,8 @@ def test_drop_path_rate_reaches_timm():
 def test_student_config_errors_name_the_key():
     with pytest.raises(RecipeError, match="unknown key 'drop_path' in \\[student\\]: did you mean 'drop_path_rate'"):
         _student(drop_path=0.1)
-    with pytest.raises(KdforgeError, match="not a vision transformer kdforge can mask"):
-        _student(model="resnet18", model_kwargs={})
+    with pytest.raises(KdforgeError, match="is not a timm model: did you mean"):
+        _student(model="vit_tiny_patch16_22", model_kwargs={})
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
