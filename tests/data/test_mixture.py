@@ -176,3 +176,23 @@ def test_nested_config_errors_name_the_key_when_the_recipe_is_resolved(sources, 
     with pytest.raises(KdforgeError) as exc:
         load_recipe(TINY, overrides=[f"data={{plugin='mixture', sources={sources}}}"])
     assert message in str(exc.value)
+
+
+def test_an_epoch_through_the_engines_sampler_is_the_same_with_any_number_of_workers():
+    from kdforge.data import collate
+    from kdforge.engine.trainer import EpochSampler, SeededItems
+
+    src = mixture({"a": procedural(), "b": procedural(num_train=30, seed=1, labels=False)}, length=32)
+    items = SeededItems(src.build("train", lambda x: x.flip(-1) if torch.rand(()) < 0.5 else x), seed=3)
+
+    def epoch(workers):
+        sampler = EpochSampler(len(items), seed=3)
+        sampler.set_position(1)
+        loader = torch.utils.data.DataLoader(items, batch_size=8, sampler=sampler, collate_fn=collate,
+                                             num_workers=workers)
+        batches = list(loader)
+        return torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
+
+    (images, labels), (images2, labels2) = epoch(0), epoch(2)
+    assert torch.equal(images, images2) and torch.equal(labels, labels2)
+    assert int((labels == -1).sum()) == 16  # the unlabelled source's exact half of the epoch
