@@ -43,7 +43,8 @@ def check_source_table(table: Any, where: str, engine_keys: Mapping[str, Any] | 
     name = body.pop("plugin", None)
     if not isinstance(name, str):
         what = "needs" if name is None else f"has plugin = {name!r}; it needs"
-        raise RecipeError(f"[{where}] {what} `plugin = \"...\"` naming one of {', '.join(registry.names('data_sources'))}")
+        known = ", ".join(registry.names("data_sources"))
+        raise RecipeError(f"[{where}] {what} `plugin = \"...\"` naming one of {known}")
     build(registry.get("data_sources", name, where).Config, body, where, extra=engine_keys)
 
 

@@ -72,7 +72,8 @@ def test_length_zero_is_the_sum_of_the_sources_sizes_and_equal_frequencies_split
 
 
 def test_items_are_drawn_uniformly_from_their_source():
-    ds = mixture({"a": procedural(num_train=20), "b": procedural(num_train=5, seed=1)}, length=2000).build("train", None)
+    src = mixture({"a": procedural(num_train=20), "b": procedural(num_train=5, seed=1)}, length=2000)
+    ds = src.build("train", None)
     drawn = {0: [], 1: []}
     for i in range(len(ds)):
         torch.manual_seed(1000 + i)  # as the engine seeds each item
@@ -163,7 +164,8 @@ def test_an_empty_source_with_a_share_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("sources, message", [
-    ("{a={plugin='procedural', num_trian=5}}", "unknown key 'num_trian' in [data.sources.a]: did you mean 'num_train'?"),
+    ("{a={plugin='procedural', num_trian=5}}",
+     "unknown key 'num_trian' in [data.sources.a]: did you mean 'num_train'?"),
     ("{a={plugin='procedural', frequncy=2}}", "unknown key 'frequncy' in [data.sources.a]: did you mean 'frequency'?"),
     ("{a={plugin='procedural', frequency=0}}", "data.sources.a.frequency = 0.0 is out of range: it must be > 0"),
     ("{a={plugin='procedural', labels='no'}}", "data.sources.a.labels must be true or false, got 'no'"),

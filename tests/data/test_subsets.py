@@ -15,7 +15,8 @@ PROCEDURAL = {"plugin": "procedural", "num_train": 300, "num_val": 40, "image_si
 
 
 def few_shot(per_class=5, seed=0, source=PROCEDURAL):
-    return create("data_sources", {"plugin": "few_shot", "source": source, "per_class": per_class, "seed": seed}, "data")
+    table = {"plugin": "few_shot", "source": source, "per_class": per_class, "seed": seed}
+    return create("data_sources", table, "data")
 
 
 def test_exactly_n_images_of_each_class_with_their_labels_and_new_positions():
