@@ -82,6 +82,10 @@ def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
         ("data_sources", "digits"): {"image_size": 16},
         ("data_sources", "single_image"): {"num_train": 8, "num_val": 4, "crop_size": 16},
         ("data_sources", "image_folder"): {"root": str(_images(tmp / "folder"))},
+        ("data_sources", "few_shot"): {"source": {"plugin": "procedural", "num_train": 64, "num_val": 4,
+                                                  "image_size": 16}, "per_class": 1},
+        ("data_sources", "mixture"): {"sources": {"a": {"plugin": "procedural", "num_train": 8, "image_size": 16},
+                                                  "b": {"plugin": "digits", "image_size": 16, "frequency": 0.5}}},
         ("data_sources", "webdataset"): {"train_urls": _shard(tmp / "train.tar"), "val_urls": _shard(tmp / "val.tar"),
                                          "length": 6, "num_classes": 2},
         ("maskers", "random"): {},
@@ -159,7 +163,7 @@ def test_component_smoke(kind, name, tmp_path):
     elif kind == "data_sources":
         source = REGISTRY.create(kind, table, "data")
         tf = build_transform(TransformConfig(image_size=16, scale=(0.5, 1.0)), train=True)
-        for split in ("train", "val"):
+        for split in source.splits:
             ds = source.build(split, tf)
             items = [ds[i] for i in range(3)] if not isinstance(ds, torch.utils.data.IterableDataset) \
                 else [x for _, x in zip(range(3), ds)]

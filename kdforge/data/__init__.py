@@ -3,7 +3,8 @@
 Contract (every data source, built-in or third-party):
 
 - class attribute ``name`` (unique) and a ``Config`` dataclass (one docstring line per field);
-- ``__init__(cfg)``; ``num_classes`` (int, or None for unlabelled data);
+- ``__init__(cfg)``; ``num_classes`` (int, or None for unlabelled data); ``splits``, the splits ``build`` accepts
+  (default "train" and "val");
 - ``build(split, transform) -> torch.utils.data.Dataset`` whose items are dicts
   ``{"image": Tensor[3, H, W] float in [0, 1], "label": int (-1 if unlabelled), "index": int}``, or a
   :class:`Skipped` record for an image that could not be read (the collate function drops it and counts it).
@@ -32,6 +33,8 @@ class DataSource:
         pass
 
     num_classes: int | None = None
+    #: The splits :meth:`build` accepts.
+    splits: ClassVar[tuple[str, ...]] = ("train", "val")
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

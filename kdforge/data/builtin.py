@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from kdforge.data.embedded import DigitsSource, SingleImageSource
 from kdforge.data.image_folder import ImageFolderSource
+from kdforge.data.mixture import MixtureSource
 from kdforge.data.procedural import ProceduralSource
 from kdforge.data.shards import WebDatasetSource
+from kdforge.data.subsets import FewShotSource
 from kdforge.plugins import hookimpl
 
 
 @hookimpl
 def kdforge_register_data_sources() -> list[type]:
-    return [ImageFolderSource, WebDatasetSource, ProceduralSource, DigitsSource, SingleImageSource]
+    return [ImageFolderSource, WebDatasetSource, ProceduralSource, DigitsSource, SingleImageSource,
+            FewShotSource, MixtureSource]

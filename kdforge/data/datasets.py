@@ -155,6 +155,12 @@ class FileImageDataset(torch.utils.data.Dataset):
         return os.fsdecode(self._paths[index]), int(self._labels[index])
 
     @property
+    def labels(self) -> torch.Tensor:
+        """LongTensor[N]: every item's label (-1 where unlabelled), read without opening a file (shares memory with
+        the dataset: do not write to it)."""
+        return torch.from_numpy(self._labels)
+
+    @property
     def samples(self) -> list[tuple[str, int]]:
         """Every (path, label), as a new list (for inspection; the dataset itself does not keep one)."""
         return [self.sample(i) for i in range(len(self))]

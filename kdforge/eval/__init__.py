@@ -3,7 +3,9 @@
 Contract: class attribute ``name``, a ``Config`` dataclass, ``__init__(cfg)`` and
 ``run(encoder, train_set, test_set, *, device, batch_size) -> dict[str, float]`` where ``encoder`` maps
 ``Tensor[B, 3, H, W]`` (float in [0, 1]) to ``Tensor[B, D]`` features and the datasets follow the
-:mod:`kdforge.data` item contract with labels. Metric names are prefixed by the evaluator (``knn_top1``).
+:mod:`kdforge.data` item contract with labels. Metric names are prefixed by the evaluator (``knn_top1``). A result
+may also be a list (the classifier's per-class accuracy and confusion matrix): the engine keeps it in summary.json
+and the checkpoint but logs only the float results as scalars.
 The engine and ``kdforge eval`` pass an :class:`Encoder`, which can also give the last blocks' tokens.
 An evaluator with ``reads = "logits"`` (the classifier evaluator) gets, instead of features, the logits
 ``Tensor[B, C]`` of the classifier trained with the encoder (a supervised loss's head), and runs only for encoders

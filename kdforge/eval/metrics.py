@@ -1,4 +1,5 @@
-"""Small helpers shared by the evaluators: label checks and top-k accuracy."""
+"""Small helpers shared by the evaluators: label checks, top-k accuracy, the confusion matrix and per-class
+accuracy."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from kdforge.errors import DataError
 
-__all__ = ["check_labelled", "topk_accuracy"]
+__all__ = ["check_labelled", "confusion_matrix", "per_class_accuracy", "topk_accuracy"]
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -15,6 +16,21 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
         return float("nan")
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
     return 100.0 * (top == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """LongTensor[C, C] counting the items of true class r (row, ``labels``) predicted as class c (column,
+    ``predicted``); both LongTensor[Q] with values in [0, ``num_classes``)."""
+    flat = labels.long() * num_classes + predicted.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
+    """Top-1 accuracy in % of each true class (row) of a confusion matrix: its diagonal count over its row's sum;
+    nan for a class with no items."""
+    totals = confusion.sum(dim=1).double()
+    correct = confusion.diagonal().double()
+    return (100.0 * correct / totals).tolist()  # 0 / 0 is nan: a class that was never seen has no accuracy
 
 
 def check_labelled(labels: torch.Tensor, which: str) -> None:

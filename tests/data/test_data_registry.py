@@ -9,10 +9,11 @@ import torch
 from kdforge import hookspecs
 from kdforge.data import DataSource, Skipped, builtin, collate
 from kdforge.data.transforms import TransformConfig, build_transform
+from kdforge.errors import DataError
 from kdforge.plugins import Registry
 from kdforge.recipe.schema import field_docs
 
-BUILTIN = {"image_folder", "webdataset", "procedural", "digits", "single_image"}
+BUILTIN = {"image_folder", "webdataset", "procedural", "digits", "single_image", "few_shot", "mixture"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,12 @@ def tables(tmp_path, imagenet_tree):
         "procedural": {"num_train": 16, "num_val": 8, "image_size": 16},
         "digits": {"image_size": 12},
         "single_image": {"num_train": 16, "num_val": 8, "crop_size": 20},
+        "few_shot": {"source": {"plugin": "procedural", "num_train": 64, "num_val": 8, "image_size": 16},
+                     "per_class": 2},
+        "mixture": {"sources": {"real": {"plugin": "digits", "image_size": 12},
+                                "shapes": {"plugin": "procedural", "num_train": 16, "image_size": 12,
+                                           "frequency": 0.5}},
+                    "length": 12},
     }
 
 
@@ -70,6 +77,10 @@ def test_every_source_yields_the_item_contract(registry, tables, name, split):
     assert name in tables, f"add a small recipe table for the new data source '{name}' to this test"
     src = registry.create("data_sources", {"plugin": name, **tables[name]}, "data")
     tf = build_transform(TransformConfig(image_size=8), train=split == "train")
+    if split not in src.splits:  # a source without this split says so
+        with pytest.raises(DataError, match=split):
+            src.build(split, tf)
+        return
     ds = src.build(split, tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)
     batch = next(iter(loader))
