@@ -123,10 +123,16 @@ def cmd_train(args) -> int:
         finally:
             trainer.close()
     if trainer.dist.is_main:
-        shown = {k: v for k, v in summary.items() if k not in ("skipped_files", "final_metrics")}
+        shown = _shown(summary)
         print(json.dumps(shown, indent=2))
         print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, curves.png, tb/, last.pt)")
     return 0
+
+
+def _shown(summary: dict) -> dict:
+    """What of a run's summary the terminal shows: its numbers, not the lists (per-class accuracies, confusion
+    matrices, skipped files: those are in summary.json)."""
+    return {k: v for k, v in summary.items() if k != "final_metrics" and not isinstance(v, (list, dict))}
 
 
 def _train_stages(args, recipe, run_dir: Path) -> int:
@@ -148,7 +154,7 @@ def _train_stages(args, recipe, run_dir: Path) -> int:
             return 0
     if summary:
         for name, stage in summary["stages"].items():
-            shown = {k: v for k, v in stage.items() if k not in ("skipped_files", "final_metrics")}
+            shown = _shown(stage)
             print(json.dumps({name: shown}, indent=2))
         print(f"run directory: {run_dir}  (summary.json; one sub-directory per stage: "
               f"{', '.join(summary['stages']) or 'none finished'})")

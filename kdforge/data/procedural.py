@@ -17,14 +17,14 @@ import dataclasses
 import math
 import threading
 import types
-from typing import Any, Callable, ClassVar
+from typing import Annotated, Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from kdforge.data import DataSource
 from kdforge.data.datasets import TensorImageDataset, mix_seed
-from kdforge.ranges import ImageSide, ItemCount, Seed
+from kdforge.ranges import ImageSide, ItemCount, Range, Seed
 
 __all__ = ["GENERATOR_VERSION", "SHAPES", "ProceduralSource", "cached_generate", "generate"]
 
@@ -136,8 +136,10 @@ def _uniform(g: torch.Generator, n: int, lo: float, hi: float, *shape: int) -> t
     return torch.rand(n, *shape, generator=g) * (hi - lo) + lo
 
 
-def _chunk(seed: int, split_id: int, chunk: int, num_classes: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of ``_chunk_len(size)`` images: (uint8 Tensor[n, 3, size, size], LongTensor[n])."""
+def _chunk(seed: int, split_id: int, chunk: int, num_classes: int, size: int,
+           first_class: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of ``_chunk_len(size)`` images: (uint8 Tensor[n, 3, size, size], LongTensor[n]); label c is the
+    shape ``SHAPES[first_class + c]``."""
     g = torch.Generator().manual_seed(mix_seed(seed, split_id, chunk))
     n = _chunk_len(size)
     # balanced classes (image i of the split would be class i % C) in random order within the chunk
@@ -174,7 +176,7 @@ def _chunk(seed: int, split_id: int, chunk: int, num_classes: int, size: int) ->
     for c in range(num_classes):
         sel = labels == c
         if sel.any():
-            dist[sel] = SHAPES[c][1](u[sel], v[sel])
+            dist[sel] = SHAPES[first_class + c][1](u[sel], v[sel])
     # one pixel of anti-aliasing: the distance is in radius units, a pixel is 2 / size image units
     px_per_unit = radius * (size / 2.0)
     alpha = (0.5 - dist * px_per_unit).clamp(0.0, 1.0).unsqueeze(1)  # [n, 1, S, S]
@@ -201,21 +203,24 @@ _SPLIT_IDS = {"train": 0, "val": 1}
 
 
 def generate(
-    num_images: int, *, num_classes: int = 10, image_size: int = 32, seed: int = 0, split: str = "train"
+    num_images: int, *, num_classes: int = 10, image_size: int = 32, seed: int = 0, split: str = "train",
+    first_class: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_images`` images and labels: (uint8 Tensor[N, 3, S, S], LongTensor[N]), a pure function of the args.
 
-    Image ``i`` does not depend on ``num_images`` (chunks are seeded independently and truncated at the end).
+    Label c is the shape ``SHAPES[first_class + c]``. Image ``i`` does not depend on ``num_images`` (chunks are
+    seeded independently and truncated at the end).
     """
-    if not 2 <= num_classes <= len(SHAPES):
-        raise ValueError(f"num_classes must be between 2 and {len(SHAPES)} (one shape per class), got {num_classes}")
+    if not 2 <= num_classes <= len(SHAPES) - first_class or first_class < 0:
+        raise ValueError(f"num_classes must be between 2 and {len(SHAPES) - first_class} (one shape per class, "
+                         f"from shape {first_class}), got {num_classes}")
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels to draw a recognisable shape, got {image_size}")
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     images, labels = [], []
     for chunk in range(math.ceil(num_images / _chunk_len(image_size))):
-        img, lab = _chunk(seed, _SPLIT_IDS[split], chunk, num_classes, image_size)
+        img, lab = _chunk(seed, _SPLIT_IDS[split], chunk, num_classes, image_size, first_class)
         images.append(img)
         labels.append(lab)
     if not images:
@@ -256,6 +261,8 @@ class ProceduralSource(DataSource):
     class Config:
         num_classes: int = 10
         "number of shape classes, 2 to 12 (disc, square, triangle, cross, ring, bar pair, star, crescent, ...)"
+        first_class: Annotated[int, Range(ge=0, le=10)] = 0
+        "the first shape of the classes: label c draws shape first_class + c (a task of shapes another one never had)"
         image_size: ImageSide = 32
         "side of the generated square images, in pixels"
         num_train: ItemCount = 10000
@@ -266,9 +273,10 @@ class ProceduralSource(DataSource):
         "seed of the generator; the same seed gives the same images"
 
         def __post_init__(self) -> None:
-            if not 2 <= self.num_classes <= len(SHAPES):
+            if not 2 <= self.num_classes <= len(SHAPES) - self.first_class:
                 raise ValueError(
-                    f"num_classes must be between 2 and {len(SHAPES)} (one shape each), got {self.num_classes}"
+                    f"num_classes must be between 2 and {len(SHAPES) - self.first_class} (one shape each, from shape "
+                    f"{self.first_class}), got {self.num_classes}"
                 )
             if self.image_size < 8:
                 raise ValueError(f"image_size must be at least 8 pixels to draw a shape, got {self.image_size}")
@@ -283,12 +291,14 @@ class ProceduralSource(DataSource):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.num_classes = cfg.num_classes
+        self.classes = ProceduralSource.classes[cfg.first_class : cfg.first_class + cfg.num_classes]
 
     def build(self, split: str, transform: Callable[[Any], torch.Tensor] | None) -> TensorImageDataset:
         if split not in _SPLIT_IDS:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         n = self.cfg.num_train if split == "train" else self.cfg.num_val
         images, labels = cached_generate(
-            n, num_classes=self.cfg.num_classes, image_size=self.cfg.image_size, seed=self.cfg.seed, split=split
+            n, num_classes=self.cfg.num_classes, image_size=self.cfg.image_size, seed=self.cfg.seed, split=split,
+            first_class=self.cfg.first_class,
         )
         return TensorImageDataset(images, labels, transform)

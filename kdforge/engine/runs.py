@@ -29,7 +29,7 @@ from kdforge.recipe import STUDENT_TABLE_KEYS, Recipe, load_recipe, plugin_table
 #: The lock file of a run directory (see :class:`RunLock`).
 LOCK_FILE = "run.lock"
 #: What a run writes besides checkpoints; finding them in a fresh run's directory means an earlier attempt.
-RUN_FILES = ("recipe.toml", "metrics.jsonl", "tb", "summary.json", "curves.png")
+RUN_FILES = ("recipe.toml", "metrics.jsonl", "tb", "summary.json", "curves.png", "confusion.png")
 
 
 # ------------------------------------------------------------------------------------------------- the lock

@@ -545,6 +545,7 @@ class Trainer:
                         self.save()
                     self._evaluate("after")
                     self._write_curves()
+                    self._write_confusion()
                 except Preempted as exc:
                     self._on_preempted(exc)
             finally:
@@ -582,6 +583,21 @@ class Trainer:
                 path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.run_dir.rmdir()  # only if empty: never remove what the user put there
+
+    def _write_confusion(self) -> None:
+        """<run_dir>/confusion.png from the final "classifier" evaluation's confusion matrix (rank 0; a failure to
+        plot warns and never ends the run)."""
+        matrix = self.results.get("student_classifier_confusion_after")
+        if not self.dist.is_main or matrix is None:
+            return
+        try:
+            from kdforge.diagnostics.confusion import plot_confusion
+
+            plot_confusion(matrix, self.run_dir / "confusion.png",
+                           title=f"{self.recipe.run.name}: student, {self.recipe.eval.data.get('plugin')} test split")
+        except Exception as exc:  # a view of the result, not part of it
+            warnings.warn(f"confusion matrix not written to {self.run_dir / 'confusion.png'}: "
+                          f"{type(exc).__name__}: {exc}", stacklevel=2)
 
     def _write_curves(self) -> None:
         """<run_dir>/curves.png from metrics.jsonl, on rank 0. A failure to plot warns and never ends the run."""

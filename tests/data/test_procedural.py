@@ -112,3 +112,19 @@ def test_raw_pixels_fail_where_a_small_cnn_learns():
           f"small CNN after {epochs} epochs of 3000 images: {cnn:.1f}%")
     assert max(raw.values()) < 40.0
     assert cnn > 35.0 and cnn > max(raw.values()) + 20.0
+
+
+def test_first_class_draws_other_shapes_on_the_same_backgrounds():
+    from kdforge.data.procedural import ProceduralSource, generate
+
+    a, la = generate(64, num_classes=3, first_class=0)
+    b, lb = generate(64, num_classes=3, first_class=6)
+    assert torch.equal(la, lb)  # the same labels and layout ...
+    differ = (a != b).flatten(1).any(1)
+    assert differ.float().mean() > 0.9  # ... but star / crescent / frame instead of disc / square / triangle
+    # most pixels are the background, which is the same
+    assert (a == b).float().mean() > 0.5
+    source = ProceduralSource(ProceduralSource.Config(num_classes=6, first_class=6))
+    assert source.classes == ("star", "crescent", "frame", "l_shape", "t_shape", "half_disc")
+    with pytest.raises(ValueError, match="between 2 and 6"):
+        ProceduralSource.Config(num_classes=7, first_class=6)
