@@ -68,7 +68,22 @@ def _smoke_run(factory, recipe: str):
          "--output-dir", str(out), "--no-progress"], capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
+    (out.parent / "stderr.txt").write_text(res.stderr)  # beside the run: what the command printed
     return out
+
+
+@pytest.fixture(scope="session")
+def task_transfer_smoke_run(tmp_path_factory):
+    """Run directory of ``kdforge train plugins/task_transfer.toml --profile smoke`` (three stages, once per
+    session); the command's stderr is in ../stderr.txt."""
+    return _smoke_run(tmp_path_factory, "task_transfer.toml")
+
+
+@pytest.fixture(scope="session")
+def good_practices_smoke_run(tmp_path_factory):
+    """Run directory of ``kdforge train plugins/good_practices.toml --profile smoke`` (two stages, once per
+    session); the command's stderr is in ../stderr.txt."""
+    return _smoke_run(tmp_path_factory, "good_practices.toml")
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from kdforge.engine import checkpoint as ckpt
 from kdforge.engine import runs
-from kdforge.errors import KdforgeError, RunDirectoryError
+from kdforge.errors import KdforgeError, RecipeError, RunDirectoryError
 from kdforge.recipe import Recipe, dump_toml
 from kdforge.recipe.schema import did_you_mean
 from kdforge.recipe.stages import Stage, stage_recipes
@@ -81,31 +81,32 @@ def run_stages(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, onl
                            f"{did_you_mean(only, names)}")
     todo = [s for s in stages if only is None or s.name == only]
     runs.check_run_dir(run_dir, fresh=False)
-    # A fresh run must find every stage it runs fresh; nothing is written before all of them are checked.
-    if not resume:
-        for s in todo:
+    # Everything that can be checked before the first stage runs is, and nothing is written until it passes: fresh
+    # directories, the stages each one reads, and each stage's training data (a few-shot subset larger than a class,
+    # a student whose classifier does not match the task), so that a mistake in the last stage does not surface
+    # after hours of the first.
+    for s in todo:
+        if not resume:
             if finished(s.run_dir):
                 raise RunDirectoryError(f"stage '{s.name}' already ran in '{s.run_dir}': add --resume to continue "
                                         "the run (finished stages are not run again), or pick another --output-dir")
             runs.check_run_dir(s.run_dir, fresh=True)
+        for earlier in s.reads:
+            if not finished(run_dir / earlier) and earlier not in [t.name for t in todo[: todo.index(s)]]:
+                raise KdforgeError(
+                    f"stage '{s.name}' reads the output of stage '{earlier}' ({run_dir / earlier}), which has not "
+                    f"finished: run the whole recipe (kdforge train RECIPE --output-dir {run_dir}"
+                    f"{' --resume' if resume else ''}) or that stage first (--stage {earlier})")
+    for s in todo:
+        if not (resume and finished(s.run_dir)):
+            preflight(s)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun every process runs the stages, one writes
-    lock = runs.RunLock(run_dir) if is_main else None
-    if lock is not None:
-        lock.acquire()
+    lock = None
     try:
-        if is_main:
-            with ckpt.atomic_path(run_dir / "recipe.toml") as tmp:
-                tmp.write_text(dump_toml(recipe))
         for s in todo:
             if resume and finished(s.run_dir):
                 echo(f"kdforge: stage {s.name} finished earlier ({s.run_dir}): not run again")
                 continue
-            for earlier in s.reads:
-                if not finished(run_dir / earlier):
-                    raise KdforgeError(
-                        f"stage '{s.name}' reads the output of stage '{earlier}' ({run_dir / earlier}), which has not "
-                        f"finished: run the whole recipe (kdforge train RECIPE --output-dir {run_dir}"
-                        f"{' --resume' if resume else ''}) or that stage first (--stage {earlier})")
             restart = resume and (s.run_dir / "last.pt").is_file()
             if resume and not restart and is_main:
                 _remove_attempt(s.run_dir)
@@ -114,16 +115,43 @@ def run_stages(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, onl
             trainer = Trainer(s.recipe, s.run_dir, resume="auto" if restart else None, show_progress=show_progress,
                               allow_changes=allow_changes)
             try:
+                if lock is None and is_main:  # the run is known to start: only now is anything written
+                    lock = runs.RunLock(run_dir)
+                    lock.acquire()
+                    with ckpt.atomic_path(run_dir / "recipe.toml") as tmp:
+                        tmp.write_text(dump_toml(recipe))
                 summary = trainer.fit()
             finally:
                 trainer.close()
-            if trainer.dist.is_main:
+            if is_main:
                 echo(_stage_report(s.name, summary))
                 _gather(run_dir, stages)
-        return _gather(run_dir, stages) if is_main else {}
+        return _gather(run_dir, stages) if is_main and run_dir.is_dir() else {}
     finally:
         if lock is not None:
             lock.release()
+
+
+def preflight(stage: Stage) -> None:
+    """The checks of a stage that need its data but no model: its training data builds (a few-shot subset needs
+    enough images of each class), a student with its own classifier has the training data's number of classes,
+    and the test set of the "classifier" evaluators is labelled with that many. Raises :class:`KdforgeError` naming the stage."""
+    from kdforge.engine.trainer import check_eval_classes
+    from kdforge.plugins import get_registry
+
+    r = stage.recipe
+    registry = get_registry()
+    try:
+        source = registry.create("data_sources", r.data, "data")
+        source.build("train", None)
+        classes = source.num_classes
+        want = int(r.student.get("num_classes", 0) or 0)
+        if want and classes and want != classes:
+            raise RecipeError(f"student.num_classes = {want} but the training data has {classes} classes: set "
+                              f"student.num_classes = {classes}")
+        check_eval_classes(r, want or classes)
+    except KdforgeError as exc:
+        raise type(exc)(f"stage '{stage.name}': {exc}") from None
 
 
 def _remove_attempt(stage_dir: Path) -> None:

@@ -196,6 +196,24 @@ def build_objective(recipe: Recipe, device: torch.device, *, num_classes: int | 
     )
 
 
+def check_eval_classes(recipe: Recipe, classes: int | None) -> None:
+    """RecipeError unless the test set that the recipe's "classifier" evaluators score (``eval.data``'s val split)
+    is labelled, with ``classes`` classes (those of the classifier; None: not known yet)."""
+    registry = get_registry()
+    scoring = [label for label, table in recipe.eval.evaluators.items()
+               if registry.get("evaluators", table.get("plugin"), f"eval.evaluators.{label}").reads == "logits"]
+    if not scoring:
+        return
+    found = registry.create("data_sources", recipe.eval.data, "eval.data").num_classes
+    where = f"eval.evaluators.{scoring[0]} scores the classifier on [eval.data]'s val split"
+    if not found:
+        raise RecipeError(f"{where}, but [eval.data] ({recipe.eval.data.get('plugin')}) has no labels: point it at "
+                          "the task's labelled data (class folders; its val split is the test set)")
+    if classes and classes != found:
+        raise RecipeError(f"{where}, which has {found} classes, but the classifier has {classes}: the student's "
+                          "num_classes (or the loss's) must be the task's, and [eval.data] the task's test data")
+
+
 def student_classes(student: nn.Module) -> int:
     """The number of classes of the student's own classifier (``num_classes`` of its config; 0: none)."""
     return int(getattr(student, "num_classes", 0) or getattr(getattr(student, "cfg", None), "num_classes", 0) or 0)
@@ -392,6 +410,7 @@ class Trainer:
         self._skips = SkipCounter(max_bad_fraction=r.train.max_bad_fraction)
         # The evaluation data is built once, now: a wrong eval.data path must fail before the run writes anything.
         self.eval_sets = build_eval_sets(r.eval, r.augment) if r.eval.evaluators else None
+        self._check_eval_classes()
         if self._resume_state is not None:
             self._load_training_state(self._resume_state)
         self._first_forward(self._first_batch())
@@ -413,6 +432,15 @@ class Trainer:
                 "plugin = \"supervised.ce\" (exactly one), give the student its own classifier "
                 "(student.num_classes), or remove the evaluator")
         return losses[found[0]] if len(found) == 1 else None
+
+    def _check_eval_classes(self) -> None:
+        """RecipeError unless the test set of the "classifier" evaluators is labelled with the classifier's classes
+        (found now, not after training)."""
+        if self.classifier is None:
+            return
+        own = student_classes(self.student) if isinstance(self.classifier, _StudentClassifier) else \
+            getattr(self.classifier, "num_classes", None)
+        check_eval_classes(self.recipe, own)
 
     def _first_batch(self, count: int = 2) -> dict[str, torch.Tensor]:
         """``count`` images and labels of the training data's first batch, read with the RNG states put back and
