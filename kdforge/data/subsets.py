@@ -167,6 +167,11 @@ class FewShotSource(DataSource):
         return self.inner.num_classes
 
     @property
+    def classes(self):
+        """The inner source's class names, where it knows them (else None)."""
+        return getattr(self.inner, "classes", None)
+
+    @property
     def splits(self) -> tuple[str, ...]:  # type: ignore[override]
         """The inner source's splits."""
         return self.inner.splits
