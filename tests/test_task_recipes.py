@@ -160,3 +160,18 @@ def test_bad_input_is_one_message_exit_2_and_nothing_written(tmp_path, args, mes
     assert len(errors) == 1 and re.search(message, errors[0]), res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe", [TASK_TRANSFER, GOOD_PRACTICES], ids=["task_transfer", "good_practices"])
+def test_full_recipes_resolve_and_a_missing_task_folder_is_one_message(recipe, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TASK_DIR", "TRANSFER_DIR", "SYNTH_DIR")}
+    env["TASK_DIR"] = str(tmp_path / "no-task")
+    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "train", str(recipe), "--dry-run"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "[[stages]]" in res.stdout, res.stderr
+    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "train", str(recipe), "--output-dir",
+                          str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "no-task") in lines[0] and "stage 'adapt'" in lines[0], res.stderr
+    assert not (tmp_path / "run").exists()
