@@ -186,13 +186,19 @@ def cmd_eval(args) -> int:
         torch.manual_seed(recipe.run.seed)  # as the trainer builds it (a random teacher stays reproducible)
         teacher = get_registry().create("teachers", recipe.teacher, "teacher").to(device)
         encoders["teacher"] = Encoder(teacher, r.features, role="teacher")
+    from kdforge.engine.trainer import student_classes
+
     registry = get_registry()
-    for label, table in r.evaluators.items():
-        if registry.get("evaluators", table.get("plugin"), f"eval.evaluators.{label}").reads == "logits":
-            print(f"kdforge: note: eval.evaluators.{label} scores the classifier head the run trained with its "
-                  "supervised loss, which kdforge eval does not rebuild: its result is in the run's summary.json",
-                  file=sys.stderr)
-    results = evaluate_encoders(encoders, r, recipe.augment, device=device)
+    logits = {}
+    if student_classes(student):  # the student's own classifier (a task-specific student): scored as is
+        logits["student"] = lambda images: student(images).logits.float()
+    else:
+        for label, table in r.evaluators.items():
+            if registry.get("evaluators", table.get("plugin"), f"eval.evaluators.{label}").reads == "logits":
+                print(f"kdforge: note: eval.evaluators.{label} scores the classifier head the run trained with its "
+                      "supervised loss, which kdforge eval does not rebuild: its result is in the run's "
+                      "summary.json", file=sys.stderr)
+    results = evaluate_encoders(encoders, r, recipe.augment, device=device, logits=logits)
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "last.pt"
     report = {"checkpoint": str(checkpoint), "features": r.features}
     report.update({f"{who}_{k}": v for who, metrics in results.items() for k, v in metrics.items()})

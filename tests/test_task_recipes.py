@@ -175,3 +175,13 @@ def test_full_recipes_resolve_and_a_missing_task_folder_is_one_message(recipe, t
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path / "no-task") in lines[0] and "stage 'adapt'" in lines[0], res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_kdforge_eval_scores_a_task_students_own_classifier_as_the_run_did(task_transfer_smoke_run, tmp_path):
+    run = task_transfer_smoke_run / "finetune"
+    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "eval", str(run), "--no-teacher", "--out",
+                          str(tmp_path / "eval.json")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert report["student_classifier_top1"] == summary["student_classifier_top1_after"]
