@@ -25,6 +25,10 @@ TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_h
 _spec = importlib.util.spec_from_file_location("model_helpers", Path(__file__).parent / "models" / "model_helpers.py")
 MODEL_HELPERS = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(MODEL_HELPERS)
+_spec = importlib.util.spec_from_file_location("image_mixer_helpers",
+                                               Path(__file__).parent / "data" / "image_mixer_helpers.py")
+MIXER_HELPERS = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(MIXER_HELPERS)
 
 
 def _images(root: Path, n: int = 6) -> Path:
@@ -86,6 +90,9 @@ def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
                                                   "image_size": 16}, "per_class": 1},
         ("data_sources", "mixture"): {"sources": {"a": {"plugin": "procedural", "num_train": 8, "image_size": 16},
                                                   "b": {"plugin": "digits", "image_size": 16, "frequency": 0.5}}},
+        ("data_sources", "image_mixer"): {"source": {"plugin": "procedural", "num_train": 8, "image_size": 16},
+                                          "out": str(tmp / "mixed"), "count": 3, "steps": 1, "image_size": 16,
+                                          "pipeline": str(tmp / "mixer_pipeline"), "device": "cpu"},
         ("data_sources", "webdataset"): {"train_urls": _shard(tmp / "train.tar"), "val_urls": _shard(tmp / "val.tar"),
                                          "length": 6, "num_classes": 2},
         ("maskers", "random"): {},
@@ -161,6 +168,8 @@ def test_component_smoke(kind, name, tmp_path):
         assert all(p.grad is not None for p in loss_fn.parameters())
         assert s.cls.grad is not None or s.patches.grad is not None or s.logits.grad is not None
     elif kind == "data_sources":
+        if name == "image_mixer":  # a tiny random diffusion model (skipped with the reason where diffusers is missing)
+            MIXER_HELPERS.tiny_pipeline(Path(table["pipeline"]))
         source = REGISTRY.create(kind, table, "data")
         tf = build_transform(TransformConfig(image_size=16, scale=(0.5, 1.0)), train=True)
         for split in source.splits:

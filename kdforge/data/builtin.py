@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kdforge.data.embedded import DigitsSource, SingleImageSource
 from kdforge.data.image_folder import ImageFolderSource
+from kdforge.data.image_mixer import ImageMixerSource
 from kdforge.data.mixture import MixtureSource
 from kdforge.data.procedural import ProceduralSource
 from kdforge.data.shards import WebDatasetSource
@@ -14,4 +15,4 @@ from kdforge.plugins import hookimpl
 @hookimpl
 def kdforge_register_data_sources() -> list[type]:
     return [ImageFolderSource, WebDatasetSource, ProceduralSource, DigitsSource, SingleImageSource,
-            FewShotSource, MixtureSource]
+            FewShotSource, MixtureSource, ImageMixerSource]

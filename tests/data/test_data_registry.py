@@ -1,6 +1,7 @@
 """Every registered data source builds from a recipe table and yields the item contract through a DataLoader."""
 
 import dataclasses
+from pathlib import Path
 
 import pluggy
 import pytest
@@ -13,7 +14,7 @@ from kdforge.errors import DataError
 from kdforge.plugins import Registry
 from kdforge.recipe.schema import field_docs
 
-BUILTIN = {"image_folder", "webdataset", "procedural", "digits", "single_image", "few_shot", "mixture"}
+BUILTIN = {"image_folder", "webdataset", "procedural", "digits", "single_image", "few_shot", "mixture", "image_mixer"}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,10 @@ def tables(tmp_path, imagenet_tree):
                                 "shapes": {"plugin": "procedural", "num_train": 16, "image_size": 12,
                                            "frequency": 0.5}},
                     "length": 12},
+        # its tiny diffusion model is written by the test that builds it (skipped without diffusers)
+        "image_mixer": {"source": {"plugin": "procedural", "num_train": 8, "num_val": 4, "image_size": 16},
+                        "out": str(tmp_path / "mixed"), "count": 4, "pipeline": str(tmp_path / "mixer_pipeline"),
+                        "steps": 1, "image_size": 16, "device": "cpu"},
     }
 
 
@@ -76,6 +81,10 @@ def test_every_config_field_has_a_one_line_docstring(registry, name):
 def test_every_source_yields_the_item_contract(registry, tables, name, split):
     assert name in tables, f"add a small recipe table for the new data source '{name}' to this test"
     src = registry.create("data_sources", {"plugin": name, **tables[name]}, "data")
+    if name == "image_mixer" and split in src.splits:
+        from image_mixer_helpers import tiny_pipeline
+
+        tiny_pipeline(Path(tables[name]["pipeline"]))
     tf = build_transform(TransformConfig(image_size=8), train=split == "train")
     if split not in src.splits:  # a source without this split says so
         with pytest.raises(DataError, match=split):
@@ -105,7 +114,7 @@ def test_modules_import_and_explain_themselves_without_optional_packages():
     code = textwrap.dedent(
         """
         import sys
-        for name in ("webdataset", "braceexpand", "sklearn", "skimage"):
+        for name in ("webdataset", "braceexpand", "sklearn", "skimage", "diffusers", "transformers", "huggingface_hub"):
             sys.modules[name] = None  # `import name` now raises ImportError
         import kdforge.data.builtin, kdforge.eval.builtin
         from kdforge.data.embedded import DigitsSource, SingleImageSource
