@@ -26,7 +26,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -297,17 +297,26 @@ class Trainer:
     """Builds everything a recipe describes, then ``fit()`` trains, evaluates and writes summary.json."""
 
     def __init__(self, recipe: Recipe, run_dir: str | Path, *, resume: str | None = None, show_progress: bool = True,
-                 allow_changes: bool = False):
+                 allow_changes: bool = False, single_process: bool = False,
+                 step_hook: Callable[[int], None] | None = None):
         """``resume``: a checkpoint path, or "auto" for <run_dir>/last.pt. ``allow_changes``: a resume may change
         the schedule (optim.*, train.epochs ...; never the models or the data), see
-        :func:`kdforge.engine.runs.check_resume`."""
+        :func:`kdforge.engine.runs.check_resume`. ``single_process``: train in this process alone even under
+        torchrun (a model one rank trains for all, such as the embedded teacher). ``step_hook(step)`` runs after
+        every optimizer step (it may raise :class:`Preempted` to stop at that safe point)."""
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.show_progress = show_progress
         r = recipe
         if r.run.threads:
             torch.set_num_threads(r.run.threads)
-        self.dist: DistInfo = init_distributed(r.run.device)
+        if single_process:
+            from kdforge.engine.distributed import pick_device
+
+            self.dist = DistInfo(device=pick_device(r.run.device))
+        else:
+            self.dist = init_distributed(r.run.device)
+        self.step_hook = step_hook
         self.device = self.dist.device
         registry = get_registry()
 
@@ -679,6 +688,8 @@ class Trainer:
                         window_t, window_imgs = time.perf_counter(), 0
                     if r.train.checkpoint_every and self.step % r.train.checkpoint_every == 0:
                         self.save()
+                    if self.step_hook is not None:
+                        self.step_hook(self.step)
                     if all_reduce_flag(signals.requested(), self.dist):
                         raise Preempted(f"SIGTERM at step {self.step}")
                     if self.step >= last_step or epoch_done:

@@ -15,18 +15,19 @@ attention, relative position biases, per-block outputs and layer-wise lr decay a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 
 from kdforge.errors import KdforgeError, ShapeError
-from kdforge.ranges import ColourStd, NonNegativeInt
+from kdforge.ranges import ColourStd, NonNegativeInt, Range
 from kdforge.students import Student, StudentOutput, check_images, check_mask
 from kdforge.teachers import patch_grid
 from kdforge.teachers.timm_utils import (
     block_layer_ids,
     check_input_size,
+    conv_stem_embed,
     create_timm_model,
     is_token_model,
     last_block_tokens,
@@ -154,6 +155,11 @@ class TimmStudent(Student):
         """Relative position bias added to the attention scores (needs attention = "kdforge"): one table shared by
         all blocks (FD's default, papers/004) or one per block (BEiT); "none" keeps only the model's pos_embed
         (FD drops it: model_kwargs.pos_embed = "none")."""
+        stem: Literal["patch", "conv"] = "patch"
+        """ViTs' patch embedding: the single patchify convolution, or a small CNN of the same stride (Xiao et al.
+        2021, "Early convolutions help transformers see better": small ViTs learn far faster on small data)."""
+        stem_width: Annotated[int, Range(ge=1, le=1024)] = 16
+        """Channels of the conv stem's first stage (doubling per stage), with stem = "conv"."""
         mask_token_init: Literal["zeros", "trunc_normal"] = "zeros"
         """Initial mask token of a ViT: zeros (DINOv2) or truncated normal with std 0.02 (iBOT / BEiT)."""
         grad_checkpointing: bool = False
@@ -180,6 +186,8 @@ class TimmStudent(Student):
                 "classifier's logits)"
             )
         kwargs = {"num_classes": cfg.num_classes, "drop_path_rate": cfg.drop_path_rate, **cfg.model_kwargs}
+        if cfg.stem == "conv":
+            kwargs["embed_layer"] = conv_stem_embed(cfg.stem_width)
         self.model = create_timm_model(cfg.model, pretrained=cfg.pretrained, kwargs=kwargs, where="student")
         m = self.model
         #: True for a maskable ViT (tokens on a patch grid), False in feature-map mode (CNNs and the like).

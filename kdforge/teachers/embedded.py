@@ -2,7 +2,9 @@
 
 No weights can be downloaded on a machine without network, yet a smoke run must show knowledge moving from a
 teacher that knows something into a random student. So the teacher learns a supervised task (procedural shapes
-by default) once, in a minute or two on a CPU, and every later run loads it from ``cache_dir``.
+by default) once, in a minute or two on a CPU, and every later run loads it from ``cache_dir``. It learns on the
+engine, as any supervised stage does (:func:`training_recipe`: the model is the "timm" student with its own
+classifier, the loss supervised.ce): kdforge has one way to train with labels.
 
 The cache file is named by a hash of everything that changes the weights (model, data, schedule, seed; not the
 device, autocast or hidden layers). It is written atomically (temporary file, then ``os.replace``) with a JSON
@@ -14,94 +16,34 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
-import math
 import os
 import re
-import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from kdforge.engine import signals
 from kdforge.engine.checkpoint import atomic_path
-from kdforge.engine.optim import param_groups
-from kdforge.errors import DataError, KdforgeError, ShapeError
+from kdforge.errors import DataError, ShapeError
 from kdforge.ranges import ImageSide, NonNegativeFloat, PositiveInt, Range, Seed
 from kdforge.teachers import Teacher
 from kdforge.teachers.timm_teacher import TimmBackedTeacher
-from kdforge.teachers.timm_utils import create_timm_model, model_mean_std
+from kdforge.teachers.timm_utils import conv_stem_embed, model_mean_std  # noqa: F401 (conv_stem_embed: re-exported)
 
-__all__ = ["EmbeddedTeacher", "TrainResult", "cache_file", "cache_key", "default_cache_dir", "train_classifier"]
+__all__ = ["EmbeddedTeacher", "build_model", "cache_file", "cache_key", "default_cache_dir", "train_classifier",
+           "training_recipe"]
 
 #: Bump when the training procedure changes, so that old cached teachers are not mistaken for new ones.
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2
 
 
 def default_cache_dir() -> Path:
     """$KDFORGE_CACHE, else ~/.cache/kdforge."""
     return Path(os.environ.get("KDFORGE_CACHE") or Path.home() / ".cache" / "kdforge").expanduser()
-
-
-@dataclasses.dataclass
-class TrainResult:
-    val_accuracy: float
-    """Top-1 accuracy on the val split after the last epoch, in [0, 1]."""
-    train_accuracy: float
-    """Top-1 accuracy on the (augmented) training batches of the last epoch, in [0, 1]."""
-    seconds: float
-    """Wall time of the training loop."""
-    images_per_second: float
-    """Training throughput."""
-
-
-def conv_stem_embed(width: int):
-    """A timm ``embed_layer``: PatchEmbed whose single stride-p patchify convolution is replaced by a small CNN of
-    the same total stride (Xiao et al. 2021, "Early convolutions help transformers see better").
-
-    For patch size p = 2^k: k stages of [conv (5x5 first, then 3x3) + BatchNorm + ReLU + 2x2 max pool], widths
-    ``width``, 2 ``width``, ..., then a 3x3 convolution to the embedding width. Everything else (grid, image size
-    checks, flattening) is timm's PatchEmbed, so the model stays a VisionTransformer with the same token grid. On
-    small data such a stem learns shapes in a few epochs where a plain patchify ViT barely leaves chance level.
-    """
-    return functools.partial(_conv_stem_class(), stem_width=width)
-
-
-def _conv_stem_class() -> type:
-    # Built on first use so that importing this module (when the plugin registry is built) does not import timm;
-    # stored as a module attribute so that models using it can be pickled.
-    global ConvStemPatchEmbed
-    if "ConvStemPatchEmbed" in globals():
-        return ConvStemPatchEmbed
-    from timm.layers import PatchEmbed
-
-    class ConvStemPatchEmbed(PatchEmbed):  # noqa: F811 - the global assigned above
-        def __init__(self, *args, stem_width: int = 16, **kwargs):
-            super().__init__(*args, **kwargs)
-            ph, pw = self.patch_size
-            stages = int(math.log2(ph)) if ph == pw else -1
-            if stages < 1 or 2**stages != ph:
-                raise KdforgeError(
-                    f"[teacher] stem = 'conv' needs a square power-of-two patch size (2, 4, 8, 16), got {ph}x{pw}: "
-                    "change model_kwargs.patch_size or set stem = 'patch'"
-                )
-            layers, chans = [], 3
-            for i in range(stages):
-                out = stem_width * 2**i
-                k = 5 if i == 0 else 3
-                layers += [nn.Conv2d(chans, out, k, padding=k // 2, bias=False), nn.BatchNorm2d(out), nn.ReLU(),
-                           nn.MaxPool2d(2)]
-                chans = out
-            layers.append(nn.Conv2d(chans, self.proj.out_channels, 3, padding=1))
-            self.proj = nn.Sequential(*layers)
-
-    ConvStemPatchEmbed.__qualname__ = "ConvStemPatchEmbed"
-    return ConvStemPatchEmbed
 
 
 class EmbeddedTeacher(TimmBackedTeacher):
@@ -183,21 +125,16 @@ class EmbeddedTeacher(TimmBackedTeacher):
                 f"[teacher.data] source '{cfg.data.get('plugin')}' has no labels, but the embedded teacher learns a "
                 "classification task: use a labelled source (procedural, digits, image_folder)"
             )
-        kwargs = {**cfg.model_kwargs, "img_size": cfg.image_size, "num_classes": num_classes}
-        if cfg.stem == "conv":
-            kwargs["embed_layer"] = conv_stem_embed(cfg.stem_width)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = create_timm_model(cfg.model, pretrained=False, kwargs=kwargs, where="teacher")
+        model = build_model(cfg, num_classes)
         mean, std = model_mean_std(model)
 
         self.cache_path = cache_file(cfg)
-        self.info = self._load_or_train(model, source, num_classes, mean, std)
+        self.info = self._load_or_train(model, source, num_classes)
         self.val_accuracy: float = float(self.info["val_accuracy"])
         self.adopt(model, mean=mean, std=std)
 
     # ------------------------------------------------------------------------------------------------ cache
-    def _load_or_train(self, model: nn.Module, source, num_classes: int, mean, std) -> dict:
+    def _load_or_train(self, model: nn.Module, source, num_classes: int) -> dict:
         from safetensors.torch import load_file, save_file
 
         cfg = self.cfg
@@ -206,33 +143,9 @@ class EmbeddedTeacher(TimmBackedTeacher):
         path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(path.with_suffix(".lock")):
             if not path.is_file():
-                train_x, train_y = materialize(source, "train", cfg.image_size)
-                val_x, val_y = materialize(source, "val", cfg.image_size)
-                _check_labels(train_y, num_classes, "train")
-                _check_labels(val_y, num_classes, "val")
-                device = _training_device(cfg.device)
-                if cfg.progress:
-                    from tqdm.auto import tqdm
-
-                    tqdm.write(f"kdforge: first use of this embedded teacher: training it on "
-                               f"'{cfg.data.get('plugin')}' ({len(train_y)} images, {device}); cached as {path}")
-                result = train_classifier(
-                    model, train_x, train_y, val_x, val_y, cfg=cfg, mean=mean, std=std, device=device
-                )
-                model.to("cpu")
-                info = {
-                    "val_accuracy": result.val_accuracy,
-                    "train_accuracy": result.train_accuracy,
-                    "train_seconds": round(result.seconds, 2),
-                    "images_per_second": round(result.images_per_second, 1),
-                    "device": str(device),
-                    "num_classes": num_classes,
-                    "num_train": int(len(train_y)),
-                    "num_val": int(len(val_y)),
-                    "config": _weights_config(cfg),
-                    "training_version": TRAINING_VERSION,
-                    "torch": torch.__version__,
-                }
+                work = path.parent / f".training-{path.stem}"
+                trained, info = train_classifier(cfg, source, num_classes, work)
+                model.load_state_dict(trained.state_dict())
                 # The JSON first, the weights last: the weights file existing means the entry is complete.
                 with atomic_path(meta_path) as tmp:
                     tmp.write_text(json.dumps(info, indent=2))
@@ -288,150 +201,87 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _training_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise KdforgeError("[teacher] device = 'cuda' but no CUDA device is available: use 'auto' or 'cpu'")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+def build_model(cfg, num_classes: int) -> nn.Module:
+    """The teacher's timm classifier for ``cfg``, initialised from ``cfg.seed``: the model of the "timm" student
+    that :func:`train_classifier` trains (one way to build and train a model with labels)."""
+    from kdforge.plugins import create
 
-
-def _check_labels(labels: Tensor, num_classes: int, split: str) -> None:
-    if len(labels) == 0:
-        raise DataError(f"[teacher.data] the {split} split is empty: the embedded teacher needs labelled images")
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        raise DataError(
-            f"[teacher.data] {int(bad.sum())} {split} images have labels outside 0..{num_classes - 1} (e.g. "
-            f"{int(labels[bad][0])}); the embedded teacher needs every image labelled"
-        )
-
-
-def materialize(source, split: str, image_size: int) -> tuple[Tensor, Tensor]:
-    """A data source's split as (uint8 Tensor[N, 3, S, S], LongTensor[N]), resized to ``image_size``.
-
-    Small embedded data sets fit in memory; holding them as bytes lets every epoch run without the data pipeline.
-    """
-    from kdforge.data import collate
-    from kdforge.data.transforms import TransformConfig, build_transform
-
-    # crop_pct 1: resize to image_size and keep the whole image (the eval transform would zoom in otherwise)
-    tf = build_transform(TransformConfig(image_size=image_size, crop_pct=1.0), train=False)
-    dataset = source.build(split, tf)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=512, shuffle=False, collate_fn=collate)
-    images, labels = [], []
-    for batch in loader:
-        images.append((batch["image"].clamp(0, 1) * 255).round().to(torch.uint8))
-        labels.append(batch["label"])
-    if not images:
-        return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-    return torch.cat(images), torch.cat(labels)
-
-
-def augment(x: Tensor, g: torch.Generator, *, max_shift: float = 0.0625, scale: tuple[float, float] = (1.0, 1.0)) -> Tensor:
-    """Light augmentation on a batch Tensor[B, 3, H, W]: random translation (up to ``max_shift`` of the side),
-    zoom and horizontal flip, one affine resampling per image (reflection at the borders)."""
-    b = x.shape[0]
-    r = torch.rand(b, 4, generator=g).to(x.device)
-    s = scale[0] + (scale[1] - scale[0]) * r[:, 0]
-    flip = torch.where(r[:, 1] < 0.5, -1.0, 1.0)
-    tx = (r[:, 2] * 2 - 1) * max_shift * 2  # affine_grid works in [-1, 1] units: the side is 2
-    ty = (r[:, 3] * 2 - 1) * max_shift * 2
-    theta = torch.zeros(b, 2, 3, device=x.device)
-    theta[:, 0, 0] = flip / s
-    theta[:, 1, 1] = 1 / s
-    theta[:, 0, 2] = tx
-    theta[:, 1, 2] = ty
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, mean: Tensor, std: Tensor, device, batch: int = 512) -> float:
-    """Top-1 accuracy of a classifier on uint8 images, in [0, 1]."""
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(labels), batch):
-        x = images[i : i + batch].to(device).float().div_(255)
-        correct += int((model((x - mean) / std).argmax(1).cpu() == labels[i : i + batch]).sum())
-    model.train(was)
-    return correct / max(1, len(labels))
-
-
-def train_classifier(
-    model: nn.Module,
-    train_x: Tensor,
-    train_y: Tensor,
-    val_x: Tensor,
-    val_y: Tensor,
-    *,
-    cfg,
-    mean,
-    std,
-    device: torch.device,
-) -> TrainResult:
-    """Supervised cross-entropy training of ``model`` (a timm classifier) on uint8 images; returns its val accuracy.
-
-    AdamW, linear warm-up then cosine to 1% of ``cfg.lr``, label smoothing, light augmentation (:func:`augment`).
-    Batch order and augmentation come from a generator seeded with ``cfg.seed``.
-    """
-    from tqdm.auto import tqdm
-
-    model.to(device).train()
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    g = torch.Generator().manual_seed(cfg.seed)
-    n = len(train_y)
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = n // batch
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(round(cfg.warmup_epochs * steps_per_epoch)))
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    bar = tqdm(total=total, desc=f"training embedded teacher ({cfg.model})", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
-    step, seen, t0 = 0, 0, time.perf_counter()
-    correct, counted = 0, 0
-    val_acc = float("nan")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # drop path and dropout, if the model_kwargs turn them on
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=g)
-            correct, counted = 0, 0
-            for i in range(steps_per_epoch):
-                signals.check(f"the first-use training of the embedded teacher ({cfg.model})")
-                idx = order[i * batch : (i + 1) * batch]
-                x = train_x[idx].to(device, non_blocking=True).float().div_(255)
-                y = train_y[idx].to(device, non_blocking=True)
-                if cfg.augment:
-                    x = augment(x, g)
-                if step < warmup:
-                    lr = cfg.lr * (step + 1) / warmup
-                else:
-                    t = (step - warmup) / max(1, total - warmup)
-                    lr = cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                logits = model((x - mean_t) / std_t)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                seen += len(idx)
-                correct += int((logits.argmax(1) == y).sum())
-                counted += len(idx)
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", val_acc=f"{val_acc:.3f}")
-            val_acc = accuracy(model, val_x, val_y, mean_t, std_t, device)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", val_acc=f"{val_acc:.3f}")
-    bar.close()
-    seconds = time.perf_counter() - t0
-    model.eval()
-    return TrainResult(
-        val_accuracy=val_acc,
-        train_accuracy=correct / max(1, counted),
-        seconds=seconds,
-        images_per_second=seen / max(seconds, 1e-9),
-    )
+        torch.manual_seed(cfg.seed)
+        return create("students", student_table(cfg, num_classes), "teacher").model
+
+
+def student_table(cfg, num_classes: int) -> dict[str, Any]:
+    """The [student] table of the teacher's model: a timm ViT with its classifier (and the conv stem)."""
+    return {"plugin": "timm", "model": cfg.model, "model_kwargs": {**cfg.model_kwargs, "img_size": cfg.image_size},
+            "stem": cfg.stem, "stem_width": cfg.stem_width, "num_classes": num_classes}
+
+
+def training_recipe(cfg, num_classes: int, num_train: int) -> dict[str, Any]:
+    """The teacher's training as a kdforge recipe (a supervised stage on the engine): cross-entropy of the model's
+    own classifier on ``cfg.data``'s train split, AdamW with the engine's weight-decay groups, linear warm-up then a
+    cosine to 1% of ``cfg.lr``, light augmentation (a random crop of 75-100% of the image and a flip), and the
+    classifier's top-1 on the val split at the end."""
+    augment = {"scale": [0.75, 1.0], "ratio": [0.9, 1.1], "hflip": 0.5} if cfg.augment else \
+        {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip": 0.0}
+    batch = min(cfg.batch_size, num_train)
+    return {
+        "run": {"name": "embedded_teacher", "seed": cfg.seed, "device": cfg.device},
+        "data": cfg.data,
+        "augment": {"image_size": cfg.image_size, "crop_pct": 1.0, **augment},
+        "student": student_table(cfg, num_classes),
+        "losses": {"ce": {"plugin": "supervised.ce", "head": "student", "label_smoothing": cfg.label_smoothing}},
+        "optim": {"lr": cfg.lr, "lr_scale_batch": batch, "min_lr": cfg.lr * 0.01, "warmup_epochs": cfg.warmup_epochs,
+                  "weight_decay": cfg.weight_decay},
+        "train": {"epochs": cfg.epochs, "batch_size": batch, "checkpoint_every": 0, "keep_checkpoints": 0,
+                  "log_every": 10},
+        "eval": {"before": False, "teacher": False, "batch_size": 512, "data": cfg.data,
+                 "evaluators": {"top1": {"plugin": "classifier"}}},
+    }
+
+
+def train_classifier(cfg, source, num_classes: int, work_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the teacher's classifier on ``cfg.data`` with the engine (:func:`training_recipe`, one process) in
+    ``work_dir`` (removed afterwards, and first if a killed attempt left it); returns (the trained timm model, the
+    cache's info: val accuracy in [0, 1], timings, sizes). SIGTERM stops it between steps with
+    :class:`kdforge.engine.signals.Preempted`, leaving nothing behind."""
+    import shutil
+
+    from kdforge.engine.trainer import Trainer
+    from kdforge.recipe import load_recipe
+
+    num_train = len(source.build("train", None))
+    num_val = len(source.build("val", None))
+    if not num_train or not num_val:
+        split = "train" if not num_train else "val"
+        raise DataError(f"[teacher.data] the {split} split is empty: the embedded teacher needs labelled images")
+    recipe = load_recipe(data=training_recipe(cfg, num_classes, num_train))
+    what = f"the first-use training of the embedded teacher ({cfg.model})"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    trainer = Trainer(recipe, work_dir, show_progress=cfg.progress, single_process=True,
+                      step_hook=lambda step: signals.check(what))
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"kdforge: first use of this embedded teacher: training it on '{cfg.data.get('plugin')}' "
+                   f"({num_train} images, {trainer.device}); cached as {cache_file(cfg)}")
+    try:
+        summary = trainer.fit()
+    except signals.Preempted:
+        raise signals.Preempted(f"SIGTERM during {what}") from None
+    finally:
+        trainer.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
+    info = {
+        "val_accuracy": summary["student_classifier_top1_after"] / 100.0,
+        "train_seconds": summary["wall_time_s"],
+        "images_per_second": round(summary["steps"] * summary["global_batch"] / max(summary["wall_time_s"], 1e-9), 1),
+        "device": str(trainer.device),
+        "num_classes": num_classes,
+        "num_train": num_train,
+        "num_val": num_val,
+        "config": _weights_config(cfg),
+        "training_version": TRAINING_VERSION,
+        "torch": torch.__version__,
+    }
+    return trainer.student.model.cpu().eval(), info
