@@ -39,7 +39,9 @@ def kdforge_register_losses() -> list[type]:
 
     A loss class subclasses :class:`kdforge.losses.DistillLoss`:
     ``forward(student_out, teacher_out, batch) -> (loss, metrics)``; it declares the student view it reads, whether
-    it reads the teacher and whether it reads labels (``view``, ``reads_teacher``, ``needs_labels``).
+    it reads the teacher and whether it reads labels (``view``, ``reads_teacher``, ``needs_labels``), and whether it
+    ignores unlabelled items (``ignores_unlabelled``); ``view`` and ``ignores_unlabelled`` may be set per instance
+    (supervised.ce's ``view = "unmixed"`` reads the image before Mixup / CutMix).
     """
 
 

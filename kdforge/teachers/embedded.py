@@ -91,7 +91,7 @@ class EmbeddedTeacher(TimmBackedTeacher):
         label_smoothing: float = 0.0
         """Label smoothing of the cross-entropy loss."""
         augment: bool = True
-        """Light augmentation of the training batches: horizontal flip and a random shift of up to 1/16 of the side."""
+        """Light augmentation of the training images: a random crop of 75-100% of the image, then a horizontal flip."""
         seed: Seed = 0
         """Seed of initialisation, batch order and augmentation."""
         cache_dir: str = ""
