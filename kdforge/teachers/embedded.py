@@ -258,8 +258,15 @@ def train_classifier(cfg, source, num_classes: int, work_dir: Path) -> tuple[nn.
     recipe = load_recipe(data=training_recipe(cfg, num_classes, num_train))
     what = f"the first-use training of the embedded teacher ({cfg.model})"
     shutil.rmtree(work_dir, ignore_errors=True)
-    trainer = Trainer(recipe, work_dir, show_progress=cfg.progress, single_process=True,
-                      step_hook=lambda step: signals.check(what))
+    # The training seeds and draws from the global generators: a run that builds this teacher on first use must go
+    # on exactly as one that finds it in the cache, so every generator is put back afterwards.
+    saved = _save_rng()
+    try:
+        trainer = Trainer(recipe, work_dir, show_progress=cfg.progress, single_process=True,
+                          step_hook=lambda step: signals.check(what))
+    except BaseException:
+        _restore_rng(saved)
+        raise
     if cfg.progress:
         from tqdm.auto import tqdm
 
@@ -272,6 +279,7 @@ def train_classifier(cfg, source, num_classes: int, work_dir: Path) -> tuple[nn.
     finally:
         trainer.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+        _restore_rng(saved)
     info = {
         "val_accuracy": summary["student_classifier_top1_after"] / 100.0,
         "train_seconds": summary["wall_time_s"],
@@ -285,3 +293,26 @@ def train_classifier(cfg, source, num_classes: int, work_dir: Path) -> tuple[nn.
         "torch": torch.__version__,
     }
     return trainer.student.model.cpu().eval(), info
+
+
+def _save_rng() -> tuple:
+    """torch's (CPU and CUDA), Python's and numpy's global generator states."""
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _restore_rng(saved: tuple) -> None:
+    import random
+
+    import numpy as np
+
+    cpu, cuda, py, npy = saved
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(py)
+    np.random.set_state(npy)

@@ -175,3 +175,22 @@ def test_train_classifier_is_a_supervised_stage_of_the_engine_and_learns(tmp_pat
     assert abs(float(correct) - info["val_accuracy"]) < 1e-6
     print(info)
     assert info["val_accuracy"] >= 0.5, info  # digits at 16 px, 3 epochs: measured 67.4 % (chance 10 %)
+
+
+def test_first_use_training_leaves_the_global_generators_as_it_found_them(tmp_path):
+    """A run that trains the teacher on first use must go on exactly as one that loads it from the cache."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    create("teachers", _table(tmp_path, epochs=1), "teacher")  # trains
+    after_training = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    create("teachers", _table(tmp_path, epochs=1), "teacher")  # loads
+    after_loading = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(after_training[0], after_loading[0]) and after_training[1:] == after_loading[1:]
