@@ -1,4 +1,4 @@
-"""``kdforge`` command line: train, eval, diagnose (curves, attention, landscape), plugins, info.
+"""``kdforge`` command line: train, retrieve, eval, diagnose (curves, attention, landscape), plugins, info.
 
 Every user error (bad recipe, missing data, mismatched shapes) prints one message and exits with code 2.
 """
@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", metavar="NAME", help="multi-stage recipes: run this stage only (the stages it reads "
                        "must have finished)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ret = sub.add_parser("retrieve", help="retrieve a transfer set for a task from a gallery (the recipe's "
+                         "[retrieve]): embed the gallery (resumable), search, select, clean -> manifest.jsonl")
+    _add_recipe_args(ret)
+    ret.add_argument("--stage", metavar="NAME", help="multi-stage recipes: the retrieval stage to run (default: the "
+                     "one stage that sets [stages.retrieve]); it writes into <output-dir>/NAME")
+    ret.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     ev = sub.add_parser("eval", help="evaluate a run's student (and teacher) with the recipe's [eval] evaluators")
     ev.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding recipe.toml and last.pt")
     ev.add_argument("--checkpoint", metavar="PATH", help="weights to evaluate (default: RUN_DIR/last.pt)")
@@ -158,6 +164,50 @@ def _train_stages(args, recipe, run_dir: Path) -> int:
             print(json.dumps({name: shown}, indent=2))
         print(f"run directory: {run_dir}  (summary.json; one sub-directory per stage: "
               f"{', '.join(summary['stages']) or 'none finished'})")
+    return 0
+
+
+def cmd_retrieve(args) -> int:
+    from kdforge.engine import signals
+    from kdforge.recipe import dump_toml, load_recipe
+    from kdforge.retrieval.pipeline import run_retrieval
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides, profile=args.profile)
+    run_dir = Path(args.output_dir or recipe.run.output_dir or Path("runs") / recipe.run.name)
+    target, out = recipe, run_dir
+    if recipe.stages:
+        from kdforge.recipe.stages import stage_recipes
+
+        found = [s for s in stage_recipes(recipe, run_dir) if s.kind == "retrieve"]
+        names = [s.name for s in found]
+        if args.stage:
+            found = [s for s in found if s.name == args.stage]
+            if not found:
+                raise KdforgeError(f"--stage {args.stage}: no retrieval stage of that name (retrieval stages: "
+                                   f"{', '.join(names) or 'none'})")
+        if len(found) != 1:
+            raise KdforgeError(f"{args.recipe} has {len(found)} retrieval stages ({', '.join(names) or 'none'}): "
+                               + ("name one with --stage" if found else "add [stages.retrieve] to one stage"))
+        target, out = found[0].recipe, found[0].run_dir
+    elif args.stage:
+        raise KdforgeError(f"--stage {args.stage}: {args.recipe} has no [[stages]]")
+    if not target.retrieve:
+        raise KdforgeError(f"{args.recipe} has no [retrieve] table: add one (gallery, encoders, n, strategy; see "
+                           "plugins/retrieval.toml)")
+    if args.dry_run:
+        sys.stdout.write(dump_toml(target))
+        return 0
+    with signals.stop_on_sigterm():
+        try:
+            summary = run_retrieval(target, out, show_progress=not args.no_progress)
+        except signals.Preempted as exc:
+            print(f"kdforge: {exc}; the finished gallery shards are kept: run the same command again to continue",
+                  file=sys.stderr)
+            return 0
+    if summary:
+        print(json.dumps(summary, indent=2))
+        print(f"retrieved into {out}  (manifest.jsonl, retrieval.json, report.json, summary.json); train on it with "
+              f"data = {{plugin = \"retrieved\", manifest = \"{out}\"}}")
     return 0
 
 
@@ -293,7 +343,7 @@ def cmd_info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = dict(train=cmd_train, eval=cmd_eval, diagnose=cmd_diagnose, plugins=cmd_plugins, info=cmd_info)
+    commands = dict(train=cmd_train, retrieve=cmd_retrieve, eval=cmd_eval, diagnose=cmd_diagnose, plugins=cmd_plugins, info=cmd_info)
     handler = commands[args.command]
     try:
         return handler(args)

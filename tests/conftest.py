@@ -80,6 +80,27 @@ def task_transfer_smoke_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def retrieval_smoke_run(tmp_path_factory):
+    """Run directory of ``kdforge retrieve plugins/retrieval.toml --profile smoke`` followed by ``kdforge train
+    ... --resume`` in the same directory (the retrieval stage found finished, the other three trained on its
+    manifest), once per session; the two commands' stderr is in ../retrieve_stderr.txt and ../stderr.txt."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("smoke-retrieval") / "run"
+    recipe = str(repo / "plugins" / "retrieval.toml")
+    for command, log in (("retrieve", "retrieve_stderr.txt"), ("train", "stderr.txt")):
+        extra = ["--resume"] if command == "train" else []
+        res = subprocess.run([sys.executable, "-m", "kdforge.cli", command, recipe, "--profile", "smoke", "--output-dir",
+                              str(out), "--no-progress", *extra], capture_output=True, text=True, timeout=1500)
+        assert res.returncode == 0, res.stderr[-3000:]
+        (out.parent / log).write_text(res.stderr)
+    return out
+
+
+@pytest.fixture(scope="session")
 def good_practices_smoke_run(tmp_path_factory):
     """Run directory of ``kdforge train plugins/good_practices.toml --profile smoke`` (two stages, once per
     session); the command's stderr is in ../stderr.txt."""

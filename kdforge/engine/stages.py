@@ -19,8 +19,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kdforge.engine import checkpoint as ckpt
 from kdforge.engine import runs
@@ -99,7 +100,8 @@ def run_stages(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, onl
                     f"{' --resume' if resume else ''}) or that stage first (--stage {earlier})")
     for s in todo:
         if not (resume and finished(s.run_dir)):
-            preflight(s)
+            pending = [run_dir / r for r in s.reads if not finished(run_dir / r)]
+            preflight(s, pending)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun every process runs the stages, one writes
     lock = None
     try:
@@ -112,17 +114,21 @@ def run_stages(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, onl
                 _remove_attempt(s.run_dir)
             echo(f"kdforge: stage {s.name} ({names.index(s.name) + 1}/{len(names)}): "
                  f"{'continuing' if restart else 'starting'} in {s.run_dir}")
-            trainer = Trainer(s.recipe, s.run_dir, resume="auto" if restart else None, show_progress=show_progress,
-                              allow_changes=allow_changes)
-            try:
-                if lock is None and is_main:  # the run is known to start: only now is anything written
-                    lock = runs.RunLock(run_dir)
-                    lock.acquire()
-                    with ckpt.atomic_path(run_dir / "recipe.toml") as tmp:
-                        tmp.write_text(dump_toml(recipe))
-                summary = trainer.fit()
-            finally:
-                trainer.close()
+            if s.kind == "retrieve":
+                from kdforge.retrieval.pipeline import run_retrieval
+
+                if lock is None and is_main:
+                    lock = _start(run_dir, recipe)
+                summary = run_retrieval(s.recipe, s.run_dir, show_progress=show_progress, echo=echo)
+            else:
+                trainer = Trainer(s.recipe, s.run_dir, resume="auto" if restart else None,
+                                  show_progress=show_progress, allow_changes=allow_changes)
+                try:
+                    if lock is None and is_main:  # the run is known to start: only now is anything written
+                        lock = _start(run_dir, recipe)
+                    summary = trainer.fit()
+                finally:
+                    trainer.close()
             if is_main:
                 echo(_stage_report(s.name, summary))
                 _gather(run_dir, stages)
@@ -132,15 +138,30 @@ def run_stages(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, onl
             lock.release()
 
 
-def preflight(stage: Stage) -> None:
+def _start(run_dir: Path, recipe: Recipe) -> runs.RunLock:
+    """Hold the run directory and write the recipe into it: the first stage is known to start."""
+    lock = runs.RunLock(run_dir)
+    lock.acquire()
+    with ckpt.atomic_path(run_dir / "recipe.toml") as tmp:
+        tmp.write_text(dump_toml(recipe))
+    return lock
+
+
+def preflight(stage: Stage, pending: list[Path] = ()) -> None:
     """The checks of a stage that need its data but no model: its training data builds (a few-shot subset needs
     enough images of each class), a student with its own classifier has the training data's number of classes,
-    and the test set of the "classifier" evaluators is labelled with that many. Raises :class:`KdforgeError` naming the stage."""
+    and the test set of the "classifier" evaluators is labelled with that many. A stage whose data an unfinished
+    earlier stage writes (its directory in ``pending``: a retrieved transfer set) is checked when it starts.
+    Raises :class:`KdforgeError` naming the stage."""
     from kdforge.engine.trainer import check_eval_classes
     from kdforge.plugins import get_registry
 
     r = stage.recipe
     registry = get_registry()
+    if stage.kind == "retrieve":
+        return  # its data is the gallery: checked when the recipe was read, built when the stage runs
+    if any(str(p) in json.dumps(r.data) for p in pending):
+        return  # its data is what an earlier stage of this run writes (a retrieved transfer set)
     try:
         source = registry.create("data_sources", r.data, "data")
         source.build("train", None)

@@ -168,8 +168,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), profi
     return recipe
 
 
-def resolve(recipe: Recipe) -> None:
-    """Check every component table against its plugin's Config (without building any model)."""
+def resolve(recipe: Recipe, training: bool = True) -> None:
+    """Check every component table against its plugin's Config (without building any model). ``training`` False:
+    a retrieval stage's recipe, of which only [retrieve] is used."""
     from kdforge.plugins import get_registry
 
     registry = get_registry()
@@ -177,6 +178,11 @@ def resolve(recipe: Recipe) -> None:
         from kdforge.recipe.stages import stage_recipes
 
         stage_recipes(recipe)
+        return
+    if not training:
+        from kdforge.retrieval.pipeline import retrieve_config
+
+        retrieve_config(recipe.retrieve)
         return
 
     def check(kind: str, table: dict, where: str, engine_keys: dict | None = None) -> None:
@@ -207,6 +213,10 @@ def resolve(recipe: Recipe) -> None:
             raise RecipeError(f"losses.{label} ({table['plugin']}) distils a teacher but the recipe has no [teacher] "
                               "table: add [teacher] plugin = \"...\" (only supervised losses such as supervised.ce "
                               "train without one)")
+    if recipe.retrieve:
+        from kdforge.retrieval.pipeline import retrieve_config
+
+        retrieve_config(recipe.retrieve)
     if recipe.eval.evaluators:
         if not recipe.eval.data:
             raise RecipeError("[eval] has evaluators but no [eval.data] table naming a labelled data source")

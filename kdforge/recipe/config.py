@@ -156,6 +156,9 @@ class Recipe:
     """Training loop."""
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     """Evaluation of frozen features."""
+    retrieve: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Retrieval of a transfer set from a gallery (kdforge retrieve; a stage that sets it is a retrieval stage):
+    kdforge.retrieval.pipeline.RetrieveConfig."""
     profiles: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Named overlays applied with --profile NAME."""
     stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)

@@ -23,6 +23,9 @@ and the tables it sets over the recipe's::
 How a stage's table combines with the recipe's: ``[teacher]``, ``[masker]``, ``[losses]`` and
 ``[eval.evaluators]`` are the stage's own when it sets them (an empty table removes them: ``teacher = {}``); any
 other table is merged key by key, except that a component table naming another ``plugin`` replaces the recipe's.
+A stage that sets ``[stages.retrieve]`` (an empty table takes the recipe's ``[retrieve]`` as it is) retrieves a
+transfer set instead of training (:mod:`kdforge.retrieval.pipeline`); a later stage trains on it with
+``data = {plugin = "retrieved", manifest = "stage:NAME"}``.
 A string that is exactly ``"stage:NAME"`` becomes the run directory of the earlier stage NAME (a teacher's ``run``,
 a student's ``init_from``), so a stage reads what an earlier one wrote. Profiles and ``--set`` reach a stage by its
 name: ``[profiles.smoke.stages.adapt.train]``, ``--set stages.adapt.train.epochs=3``.
@@ -46,7 +49,7 @@ from kdforge.recipe.schema import build, closest, did_you_mean, to_dict
 __all__ = ["REPLACED", "STAGE_SECTIONS", "Stage", "as_list", "as_named", "compose", "stage_recipes"]
 
 #: The tables a stage may set.
-STAGE_SECTIONS = ("data", "augment", "teacher", "student", "masker", "losses", "optim", "train", "eval")
+STAGE_SECTIONS = ("data", "augment", "teacher", "student", "masker", "losses", "optim", "train", "eval", "retrieve")
 #: The tables a stage replaces whole (its own teacher, masker and losses; ``{}`` for none).
 REPLACED = ("teacher", "masker", "losses")
 _REFERENCE = re.compile(r"stage:(.*)")
@@ -63,6 +66,9 @@ class Stage:
     """Where the stage runs: <run directory>/<name>."""
     reads: tuple[str, ...]
     """The earlier stages whose run directories it refers to ("stage:NAME")."""
+    kind: str = "train"
+    """"train" (a run of the engine) or "retrieve" (a stage that sets a [retrieve] table: kdforge retrieve's
+    pipeline, writing a transfer set's manifest that a later stage reads with the retrieved data source)."""
 
 
 def as_named(stages: Any, where: str = "stages") -> dict[str, dict[str, Any]]:
@@ -150,11 +156,13 @@ def stage_recipes(recipe: Recipe, run_dir: str | Path | None = None) -> list[Sta
         body = _resolve_references(body, where, [s.name for s in stages], paths, found)
         tree = compose(base, body)
         tree["run"] = dict(tree.get("run", {}), name=f"{recipe.run.name}.{name}", output_dir=str(paths[name]))
+        kind = "retrieve" if "retrieve" in body else "train"
         try:
             stage_recipe = build(Recipe, tree, where)
-            resolve(stage_recipe)
+            resolve(stage_recipe, training=kind == "train")
         except RecipeError as exc:
             raise RecipeError(f"stage '{name}': {exc}") from None
         stages.append(Stage(name=name, recipe=stage_recipe, run_dir=paths[name],
-                            reads=tuple(s for s in named if s in found)))
+                            reads=tuple(s for s in named if s in found),
+                            kind=kind))
     return stages

@@ -49,14 +49,16 @@ def _components(num: int, src: Tensor, dst: Tensor) -> Tensor:
         labels = new
 
 
-def deduplicate(embeddings: Tensor, *, threshold: float = 0.99, k: int = 16, backend: str = "auto") -> Tensor:
-    """Ids to keep, LongTensor[M] ascending: one (the lowest id) per cluster of near-duplicates.
+def duplicate_clusters(
+    embeddings: Tensor, *, threshold: float = 0.99, k: int = 16, backend: str = "auto", op: str = "duplicate_clusters"
+) -> Tensor:
+    """The cluster of each item, LongTensor[R]: the lowest id of its cluster of near-duplicates (its own id when it
+    has none).
 
     embeddings: Tensor[R, D] (any norms: compared by cosine similarity). Two items whose similarity exceeds
     ``threshold`` are duplicates; clusters are the connected components of those pairs, found from each item's
     ``k`` most similar items (a cluster larger than k + 1 is still joined through its chains).
     """
-    op = "deduplicate"
     x = _unit_rows(embeddings, "embeddings", op)
     threshold = _check_threshold(threshold, op)
     _check_count(k, "k", op)
@@ -68,8 +70,14 @@ def deduplicate(embeddings: Tensor, *, threshold: float = 0.99, k: int = 16, bac
     scores, neighbors = knn(x, x, min(k + 1, num), metric="ip", backend=backend)  # +1: each item finds itself
     rows = torch.arange(num, device=x.device)[:, None].expand_as(neighbors)
     dup = (scores > threshold) & (neighbors != rows)
-    labels = _components(num, rows[dup], neighbors[dup])
-    return (labels == torch.arange(num, device=x.device)).nonzero().squeeze(1)
+    return _components(num, rows[dup], neighbors[dup])
+
+
+def deduplicate(embeddings: Tensor, *, threshold: float = 0.99, k: int = 16, backend: str = "auto") -> Tensor:
+    """Ids to keep, LongTensor[M] ascending: one (the lowest id) per cluster of near-duplicates
+    (:func:`duplicate_clusters`)."""
+    labels = duplicate_clusters(embeddings, threshold=threshold, k=k, backend=backend, op="deduplicate")
+    return (labels == torch.arange(labels.numel(), device=labels.device)).nonzero().squeeze(1)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""kdforge.retrieval.search over sharded float16 memmaps: the knn backend against kdforge.ops.knn on the
+"""kdforge.retrieval.nearest over sharded float16 memmaps: the knn backend against kdforge.ops.knn on the
 concatenated gallery (ties across shards included), faiss flat / IVF / IVF-PQ against it, and the argument checks."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from kdforge.errors import KdforgeError, ShapeError
 from kdforge.ops import knn
 from kdforge.retrieval import search
-from kdforge.retrieval.search import default_nlist, default_pq_m
+from kdforge.retrieval.nearest import default_nlist, default_pq_m
 
 
 def _shards(tmp_path, arrays):
@@ -73,8 +73,8 @@ def test_ties_across_shards_go_to_the_lower_global_id(tmp_path, gen, metric):
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_faiss_flat_and_exhaustive_ivf_equal_the_knn_backend(tmp_path, gen, metric, monkeypatch):
     pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
-    # kdforge.retrieval.search is the function (the package exports it); the module is in sys.modules.
-    monkeypatch.setattr(sys.modules["kdforge.retrieval.search"], "ADD_CHUNK_ROWS", 256)  # shards added in chunks
+    # the search module, to add shards in small chunks
+    monkeypatch.setattr(sys.modules["kdforge.retrieval.nearest"], "ADD_CHUNK_ROWS", 256)  # shards added in chunks
     shards = _random_shards(tmp_path, gen, [500, 0, 1300, 700], 32)
     queries = torch.randn(12, 32, generator=gen)
     exp_s, exp_i = search(queries, shards, 10, metric=metric, knn_backend="reference")

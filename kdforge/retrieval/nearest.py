@@ -1,7 +1,7 @@
 """Nearest gallery items of a set of queries, over a gallery stored as several shards (papers/001's retrieval).
 
 A gallery too large for one file is stored as shards: ``.npy`` files opened as read-only memmaps of shape
-[rows_i, D] (float16, as :func:`kdforge.retrieval.embed_gallery` writes them, or float32). The global id of a row is
+[rows_i, D] (float16, as :func:`kdforge.retrieval.embed_store` writes them, or float32). The global id of a row is
 the number of rows of all earlier shards plus its row within its shard. :func:`search` returns the k best global
 ids of every query, with one contract for both backends: (scores float32 [Q, k], ids int64 [Q, k]) on the CPU,
 best first; metric "ip" ranks by largest inner product, "l2" by smallest squared Euclidean distance (reported as
