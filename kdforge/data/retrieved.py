@@ -103,6 +103,7 @@ class RetrievedSource(DataSource):
     def build(self, split: str, transform: Callable[[Any], torch.Tensor] | None) -> RetrievedDataset:
         if split != "train":
             raise ValueError(f"a retrieved transfer set has one split, 'train', got {split!r}")
+        from kdforge.data.shards import random_access
         from kdforge.plugins import get_registry
 
         records = []
@@ -113,6 +114,7 @@ class RetrievedSource(DataSource):
                 except ValueError as exc:
                     raise DataError(f"{self.manifest}:{line_no} is not a JSON line ({exc}): the manifest is damaged; "
                                     "run kdforge retrieve again") from None
-        gallery = get_registry().create("data_sources", self.header["gallery"], "retrieved gallery").build("train", None)
+        gallery = random_access(get_registry().create("data_sources", self.header["gallery"], "retrieved gallery"),
+                                "train", None)  # numbered as kdforge retrieve numbered it
         return RetrievedDataset(gallery, records, int(self.header["image_size"]), self.cfg.labels == "query",
                                 transform)

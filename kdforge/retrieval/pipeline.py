@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdforge.data.shards import random_access
 from kdforge.engine.checkpoint import atomic_path
 from kdforge.errors import DataError, KdforgeError, RecipeError
 from kdforge.ranges import ImageSide, NonNegativeInt, PositiveInt, Range, Seed, Workers
@@ -173,11 +174,11 @@ def _raw_dataset(table: dict[str, Any], split: str, where: str) -> tuple[Any, to
     source = get_registry().create("data_sources", table, where)
     if split not in getattr(source, "splits", ("train", "val")):
         raise DataError(f"[{where}] has splits {', '.join(source.splits)}, not '{split}'")
-    ds = source.build(split, None)
+    ds = random_access(source, split, None)  # webdataset shards: indexed (IndexedShards), not streamed
     if isinstance(ds, torch.utils.data.IterableDataset) or not hasattr(ds, "__getitem__"):
         raise DataError(
             f"[{where}] ({table.get('plugin')}) reads its images as a stream; retrieval needs each image by its "
-            "number (to remake a retrieved crop later): use an image folder, or index the shards first")
+            "number (to remake a retrieved crop later): use an image folder, or local webdataset shards (indexed)")
     return source, ds
 
 
@@ -362,7 +363,7 @@ def run_retrieval(recipe: Any, out_dir: str | Path, *, show_progress: bool = Tru
 
     leak_source = leak_source or get_registry().create("data_sources", leak_table, "retrieve.leak_data")
     for split in getattr(leak_source, "splits", ("train", "val")):
-        ds = leak_source.build(split, None)
+        ds = random_access(leak_source, split, None)
         rows, _, kept, _ = _embed_images(encoders, ds, cfg.image_size, cfg.batch_size, f"task {split}",
                                          show_progress)
         task_rows.append(rows)
