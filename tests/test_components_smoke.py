@@ -57,6 +57,21 @@ def _shard(path: Path, n: int = 6) -> str:
     return str(path)
 
 
+def _retrieval(out: Path) -> str:
+    """A kdforge retrieve output of three crops of procedural images (as the pipeline writes it)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    gallery = {"plugin": "procedural", "num_train": 8, "num_val": 4, "image_size": 20}
+    (out / "retrieval.json").write_text(json.dumps({"gallery": gallery, "image_size": 16, "num_classes": 2,
+                                                    "classes": ["a", "b"]}))
+    records = [{"entry": 4 * i, "item": i, "crop": 0, "box": [i, 1, 12, 14], "ops": [["rotate", 9.0]],
+                "source": f"#{i}", "query": 0, "query_label": i % 2, "similarity": 0.5, "strategy": "random"}
+               for i in range(3)]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(out)
+
+
 def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
     hub = tmp / "hub"
     hub.mkdir(exist_ok=True)
@@ -93,6 +108,9 @@ def TABLES(tmp: Path) -> dict[tuple[str, str], dict]:
         ("data_sources", "image_mixer"): {"source": {"plugin": "procedural", "num_train": 8, "image_size": 16},
                                           "out": str(tmp / "mixed"), "count": 3, "steps": 1, "image_size": 16,
                                           "pipeline": str(tmp / "mixer_pipeline"), "device": "cpu"},
+        ("data_sources", "demo_gallery"): {"per_class": 2, "other_shapes": 4, "digits": 3, "photos": 3, "leaks": 1,
+                                           "duplicates": 1, "image_size": 24, "root": str(tmp / "gallery")},
+        ("data_sources", "retrieved"): {"manifest": _retrieval(tmp / "retrieval"), "labels": "query"},
         ("data_sources", "webdataset"): {"train_urls": _shard(tmp / "train.tar"), "val_urls": _shard(tmp / "val.tar"),
                                          "length": 6, "num_classes": 2},
         ("maskers", "random"): {},

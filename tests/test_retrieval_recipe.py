@@ -7,6 +7,7 @@ import collections
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from cli_helpers import TINY, kdforge
 
@@ -133,3 +134,16 @@ def test_bad_inputs_exit_2_with_one_message(tmp_path):
     res = kdforge("retrieve", RECIPE, "--profile", "smoke", "--dry-run")
     assert res.returncode == 0 and "[retrieve]" in res.stdout
     assert not (tmp_path / "r").exists()
+
+
+def test_faiss_backend_retrieves_the_same_set_from_the_same_gallery(retrieval_smoke_run, tmp_path):
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
+    gallery = retrieval_smoke_run / "retrieve" / "gallery"
+    before = sorted(p.stat().st_mtime_ns for p in gallery.glob("shard-*"))
+    res = kdforge("retrieve", RECIPE, "--profile", "smoke", "--output-dir", tmp_path / "run", "--no-progress",
+                  "--set", "retrieve.backend='faiss'", "--set", f"retrieve.gallery_dir='{gallery}'")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.stat().st_mtime_ns for p in gallery.glob("shard-*")) == before  # embedded once, reused
+    ours = [(r["entry"], r["query"]) for r in _manifest(retrieval_smoke_run)]
+    theirs = [(r["entry"], r["query"]) for r in _manifest(tmp_path / "run")]
+    assert ours == theirs

@@ -236,19 +236,31 @@ def _compact(scores: Tensor, neighbors: Tensor, banned: set[int]) -> tuple[Tenso
 
 def _select(cfg: RetrieveConfig, scores: Tensor, neighbors: Tensor, n: int, num_entries: int,
             banned: set[int]) -> Tensor:
-    from kdforge.retrieval.selection import best_matches, query_balanced, random_ids
+    from kdforge.retrieval.selection import best_matches, query_balanced
 
     if cfg.strategy == "random":
-        pool = torch.tensor(sorted(set(range(num_entries)) - banned), dtype=torch.long)
-        if n > pool.numel():
-            raise ValueError(f"random: cannot draw n={n} from {pool.numel()} entries")
-        return pool[random_ids(pool.numel(), n, seed=cfg.seed)].sort().values
+        return _random_draw(num_entries, n, banned, cfg.seed)
     s, nb = _compact(scores, neighbors, banned)
     if nb.shape[1] == 0:
         raise ValueError("no neighbours left after the dropped entries")
     if cfg.strategy == "query_balanced":
         return query_balanced(nb, n, seed=cfg.seed)
     return best_matches(nb, s, n, metric="ip")
+
+
+def _random_draw(num_entries: int, n: int, banned: set[int], seed: int) -> Tensor:
+    """The random baseline: the first n distinct, not banned ids of a seeded stream of uniform draws (a stream, not
+    a permutation of a gallery of billions; a stream's prefix does not change when more is drawn, so replacing a
+    dropped id keeps the others). Ascending; ValueError when fewer than n are left."""
+    if n > num_entries - len(banned):
+        raise ValueError(f"random: cannot draw n={n} from {num_entries - len(banned)} entries")
+    draws = 2 * n + len(banned) + 16
+    while True:
+        stream = torch.randint(num_entries, (draws,), generator=torch.Generator().manual_seed(int(seed)))
+        ids = [i for i in dict.fromkeys(stream.tolist()) if i not in banned]  # first draws first, no repeats
+        if len(ids) >= n:
+            return torch.tensor(ids[:n], dtype=torch.long).sort().values
+        draws *= 2
 
 
 def _source_rows(encoders, store: GalleryStore, gallery_ds, entries: list[int], size: int, batch: int,

@@ -176,3 +176,42 @@ def test_image_level_entries_are_the_centred_squares(tmp_path):
     expected, _ = embed_images(ENCODERS, torch.stack([remake(data[i]["image"], centre_params(
         *data.images[i].shape[1:]), 16) for i in (0, 3)]))
     np.testing.assert_allclose(rows, expected.numpy(), atol=2e-3)
+
+
+_RANK = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_retrieval_store import ENCODERS, Images, _spec
+    from kdforge.retrieval.store import embed_store
+
+    calls = []
+    counted = [(n, lambda x, e=e: calls.append(len(x)) or e(x)) for n, e in ENCODERS[:1]] + ENCODERS[1:]
+    store = embed_store(counted, Images(23), {out!r}, _spec(23), batch_size=6, show_progress=False)
+    print("store" if store is not None else "none", sum(calls))
+""")
+
+
+def test_processes_of_a_torchrun_job_share_the_shards_out(tmp_path):
+    import socket
+
+    clean = embed_store(ENCODERS, Images(23), tmp_path / "clean", _spec(23), batch_size=6, show_progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "shared"
+    script = _RANK.format(tests=str(Path(__file__).parent), out=str(out))
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    # rank 0 goes on to search, the others stop; each embedded its own shards only (0, 2, 4 and 1, 3, 5 of 4 images)
+    assert [r[0].split() for r in results] == [["store", str(12 * 3)], ["none", str(11 * 3)]]
+    names = sorted(p.name for p in out.glob("shard-*"))
+    assert names == sorted(p.name for p in (tmp_path / "clean").glob("shard-*"))
+    for name in names:
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert len(GalleryStore(out)) == len(clean)
