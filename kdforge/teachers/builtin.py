@@ -10,6 +10,7 @@ def kdforge_register_teachers() -> list[type]:
     from kdforge.teachers.adapted import AdaptedTeacher
     from kdforge.teachers.embedded import EmbeddedTeacher
     from kdforge.teachers.hub import TorchHubTeacher
+    from kdforge.teachers.open_clip_teacher import OpenClipTeacher
     from kdforge.teachers.timm_teacher import TimmTeacher
 
-    return [TimmTeacher, TorchHubTeacher, EmbeddedTeacher, AdaptedTeacher]
+    return [TimmTeacher, TorchHubTeacher, EmbeddedTeacher, AdaptedTeacher, OpenClipTeacher]

@@ -22,6 +22,8 @@ __all__ = ["read_state_dict", "load_into", "WRAPPER_PREFIXES"]
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "teacher")
 _HOW_MANY = 5  # keys listed per kind of mismatch; more would bury the message
+_HINT = ("Check that the model name and model_kwargs (embed_dim, depth, patch_size, img_size, reg_tokens ...) match "
+         "the ones the file was trained with.")
 
 
 def read_state_dict(path: str, *, key: str = "", trust_pickle: bool = False, where: str = "checkpoint") -> dict:
@@ -98,9 +100,11 @@ def load_into(
     path: str,
     where: str = "checkpoint",
     ignore: Callable[[str], bool] = lambda name: False,
+    hint: str = _HINT,
 ) -> None:
     """Copy ``state_dict`` into ``model``, all keys and shapes matching (keys for which ``ignore`` is true may be
-    extra or missing). Raises ShapeError listing a few missing, unexpected and mis-shaped keys otherwise."""
+    extra or missing). Raises ShapeError listing a few missing, unexpected and mis-shaped keys otherwise, then
+    ``hint`` (what to check)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict and not ignore(k)]
     unexpected = [k for k in state_dict if k not in own and not ignore(k)]
@@ -115,9 +119,5 @@ def load_into(
             if items:
                 more = f" (+{len(items) - _HOW_MANY} more)" if len(items) > _HOW_MANY else ""
                 parts.append(f"{label} ({len(items)}): {', '.join(items[:_HOW_MANY])}{more}")
-        raise ShapeError(
-            f"{where} = '{path}' does not fit the model: " + "; ".join(parts) + ". Check that the model name and "
-            "model_kwargs (embed_dim, depth, patch_size, img_size, reg_tokens ...) match the ones the file was "
-            "trained with."
-        )
+        raise ShapeError(f"{where} = '{path}' does not fit the model: " + "; ".join(parts) + ". " + hint)
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)

@@ -141,3 +141,23 @@ def write_adaptation_run(run_dir, student_table: dict, num_classes: int = 4, see
     }
     ckpt.atomic_save(state, run_dir / "last.pt")
     return student.eval()
+
+
+#: A tiny open_clip CLIP for 16 px images (4 px patches, a 4x4 grid, joint width 32) in open_clip's config format.
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "head_width": 16, "layers": 1},
+    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_open_clip_dir(path) -> str:
+    """A directory open_clip builds TINY_OPEN_CLIP from (random weights, as no weight file is there); returns the
+    open_clip teacher's ``model`` for it, "local-dir:<path>"."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
+    return f"local-dir:{path}"

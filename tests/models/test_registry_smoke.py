@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdforge.plugins import get_registry
-from model_helpers import TINY_MODEL, TINY_VIT, write_adaptation_run
+from model_helpers import TINY_MODEL, TINY_VIT, write_adaptation_run, write_open_clip_dir
 
 #: The encoder student's tiny table: the tiny ViT probed with a linear head on 16 px images.
 ENCODER = {"teacher": {"plugin": "timm", "model": TINY_MODEL, "model_kwargs": TINY_VIT}, "num_classes": 3}
@@ -27,6 +27,7 @@ def _tables(kind, tmp_path, hub_dir):
                 "image_size": 16, "epochs": 1, "batch_size": 64, "cache_dir": str(tmp_path), "progress": False,
             },
             "adapted": {"run": str(run)},
+            "open_clip": {"model": write_open_clip_dir(tmp_path / "open_clip"), "pretrained": ""},
         },
         "students": {"timm": {"model": TINY_MODEL, "model_kwargs": TINY_VIT, "drop_path_rate": 0.1},
                      "encoder": ENCODER},
@@ -44,10 +45,12 @@ def test_every_builtin_component_has_a_smoke_case(kind, tmp_path, hub_dir):
     assert _builtin(kind) == sorted(_tables(kind, tmp_path, hub_dir)), f"add a tiny {kind} table to this file"
 
 
-@pytest.mark.parametrize("name", ["timm", "torch_hub", "embedded", "adapted"])
+@pytest.mark.parametrize("name", ["timm", "torch_hub", "embedded", "adapted", "open_clip"])
 def test_teacher_smoke(name, tmp_path, hub_dir):
     import warnings
 
+    if name == "open_clip":
+        pytest.importorskip("open_clip", reason="open_clip_torch is not installed (pip install 'kdforge[clip]')")
     table = {"plugin": name, **_tables("teachers", tmp_path, hub_dir)[name]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random timm weights on purpose
