@@ -4,8 +4,9 @@
 1. The gallery is embedded once (:mod:`kdforge.retrieval.store`): image level (a centred square per image) or crop
    level (``crops`` random resized crops with RandAugment per image), by one or more encoders (teacher plugins);
    fp16 shards, resumable, shared out over torchrun processes.
-2. The queries (the task's labelled images, resized and centre-cropped) are embedded by the same encoders; a
-   (query, entry) score is the mean of the encoders' cosine similarities.
+2. The queries (the task's labelled images, resized and centre-cropped; or, with ``text_queries``, one prompt per
+   class name through each encoder's text tower) are embedded by the same encoders; a (query, entry) score is the
+   mean of the encoders' cosine similarities.
 3. Search: each query's K nearest entries, exact and streamed over the shards (kdforge.ops.knn) or with faiss
    (flat, IVF, IVF-PQ), then the strategy picks ``n`` entries: query_balanced (the paper's), best_matches, random.
 4. Cleaning: the selected entries' source images are compared (the mean similarity over encoders, after resize and
@@ -67,6 +68,11 @@ class RetrieveConfig:
     """Data-source table of the query images (empty: the recipe's [data], the task's labelled images)."""
     query_split: str = "train"
     """The split of `queries` that is the query set."""
+    text_queries: bool = False
+    """Query with the class names instead of the images: one query per class, its name in each encoder's prompt
+    template through the encoder's text tower (CLIP encoders: plugin = "open_clip")."""
+    class_names: list[str] = dataclasses.field(default_factory=list)
+    """Class names for text queries (empty: the classes of `queries`, e.g. its class folders)."""
     level: Literal["image", "crop"] = "crop"
     """Gallery entries: one centred square per image, or `crops` random resized crops with RandAugment (B.2)."""
     crops: PositiveInt = 10
@@ -155,17 +161,45 @@ def retrieve_config(table: dict[str, Any], where: str = "retrieve") -> RetrieveC
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
-def _encoders(cfg: RetrieveConfig, device: torch.device) -> list[tuple[str, Any]]:
+def _encoders(cfg: RetrieveConfig, device: torch.device) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """[(label, images -> embeddings)] for embed_images, and the encoder models by label."""
     from kdforge.eval import Encoder
     from kdforge.plugins import get_registry
 
     registry = get_registry()
-    out = []
+    out, models = [], {}
     for label, table in cfg.encoders.items():
         model = registry.create("teachers", table, f"retrieve.encoders.{label}").to(device).eval()
         encoder = Encoder(model, cfg.features, role=f"encoder {label}")
         out.append((label, lambda x, e=encoder: e(x.to(device, non_blocking=True))))
-    return out
+        models[label] = model
+    return out, models
+
+
+def _check_text_towers(cfg: RetrieveConfig, models: dict[str, Any]) -> None:
+    for label, model in models.items():
+        if not callable(getattr(model, "encode_text", None)):
+            raise KdforgeError(f"retrieve.text_queries = true, but encoder '{label}' ({cfg.encoders[label]['plugin']})"
+                               " has no text tower (encode_text): use CLIP encoders (plugin = \"open_clip\") or "
+                               "image queries")
+
+
+def _text_queries(cfg: RetrieveConfig, models: dict[str, Any], classes: list[str]) -> tuple[Tensor, list[str]]:
+    """Rows of one text query per class (each encoder's text tower on its prompt for the class name) and the
+    prompts; KdforgeError when an encoder has no text tower or there are no class names."""
+    from kdforge.retrieval.store import combine
+
+    if not classes:
+        raise KdforgeError("retrieve.text_queries = true needs class names: set retrieve.class_names, or use "
+                           "queries whose data source names its classes (class folders)")
+    _check_text_towers(cfg, models)
+    rows, prompts = [], None
+    for label, model in models.items():
+        texts = model.class_prompts(classes) if callable(getattr(model, "class_prompts", None)) else list(classes)
+        prompts = prompts or texts
+        with torch.inference_mode():
+            rows.append(model.encode_text(texts).float().cpu())
+    return combine(rows), prompts
 
 
 def _raw_dataset(table: dict[str, Any], split: str, where: str) -> tuple[Any, torch.utils.data.Dataset]:
@@ -343,7 +377,9 @@ def run_retrieval(recipe: Any, out_dir: str | Path, *, show_progress: bool = Tru
     device = pick_device(recipe.run.device)
     started = time.monotonic()
     torch.manual_seed(recipe.run.seed)
-    encoders = _encoders(cfg, device)
+    encoders, models = _encoders(cfg, device)
+    if cfg.text_queries:
+        _check_text_towers(cfg, models)  # before hours of gallery embedding
     _, gallery_ds = _raw_dataset(cfg.gallery, "train", "retrieve.gallery")
     spec = GallerySpec(source=cfg.gallery, encoders=[[label, None] for label in cfg.encoders], level=cfg.level,
                        crops=cfg.crops if cfg.level == "crop" else 1, scale=list(cfg.crop_scale),
@@ -364,8 +400,14 @@ def run_retrieval(recipe: Any, out_dir: str | Path, *, show_progress: bool = Tru
 
     query_table = cfg.queries or recipe.data
     query_source, query_ds = _raw_dataset(query_table, cfg.query_split, "retrieve.queries")
-    queries, query_labels, query_items, query_skipped = _embed_images(
-        encoders, query_ds, cfg.image_size, cfg.batch_size, "queries", show_progress)
+    classes = list(cfg.class_names or getattr(query_source, "classes", None) or [])
+    if cfg.text_queries:  # one query per class: its name through the encoders' text towers
+        queries, prompts = _text_queries(cfg, models, classes)
+        query_labels = torch.arange(len(classes))
+        query_items, query_skipped = [[f"text:{p}", p] for p in prompts], []
+    else:
+        queries, query_labels, query_items, query_skipped = _embed_images(
+            encoders, query_ds, cfg.image_size, cfg.batch_size, "queries", show_progress)
     if queries.shape[0] == 0:
         raise DataError("none of the query images could be read: nothing to retrieve for")
     leak_table = cfg.leak_data or query_table
@@ -427,7 +469,6 @@ def run_retrieval(recipe: Any, out_dir: str | Path, *, show_progress: bool = Tru
     dups_all = dups
     leaks_all = leaks
 
-    classes = list(getattr(query_source, "classes", None) or [])
     records = []
     for e, s, q in zip(picked, sim.tolist(), nearest.tolist()):
         item, crop, params, source = store.entry(e)
