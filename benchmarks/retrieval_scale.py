@@ -65,7 +65,7 @@ def search_cost(rows: int, dim: int, queries: int, k: int, tmp: Path) -> dict:
     out: dict = {"rows": rows, "dim": dim, "queries": queries, "k": k, "gallery_gb_fp16": rows * dim * 2 / 1e9}
     flops = 2 * queries * rows * dim
     t0 = time.perf_counter()
-    exact_s, exact_i = search(q, shards, k)
+    _, exact_i = search(q, shards, k)
     sec = time.perf_counter() - t0
     out["knn"] = {"seconds": sec, "gflop_per_s": flops / sec / 1e9, "gb_per_s": out["gallery_gb_fp16"] / sec}
     try:
@@ -77,7 +77,7 @@ def search_cost(rows: int, dim: int, queries: int, k: int, tmp: Path) -> dict:
     sec = time.perf_counter() - t0
     out["faiss_flat"] = {"seconds_build_and_search": sec, "bytes_per_vector": dim * 4}
     t0 = time.perf_counter()
-    pq_s, pq_i = search(q, shards, k, backend="faiss", index="ivfpq", pq_m=64, nprobe=32)
+    _, pq_i = search(q, shards, k, backend="faiss", index="ivfpq", pq_m=64, nprobe=32)
     sec = time.perf_counter() - t0
     recall = sum(len(set(a) & set(b)) for a, b in zip(exact_i.tolist(), pq_i.tolist())) / exact_i.numel()
     out["faiss_ivfpq"] = {"seconds_train_build_and_search": sec, "pq_m": 64, "nprobe": 32,

@@ -194,7 +194,7 @@ def _text_queries(cfg: RetrieveConfig, models: dict[str, Any], classes: list[str
                            "queries whose data source names its classes (class folders)")
     _check_text_towers(cfg, models)
     rows, prompts = [], None
-    for label, model in models.items():
+    for model in models.values():
         texts = model.class_prompts(classes) if callable(getattr(model, "class_prompts", None)) else list(classes)
         prompts = prompts or texts
         with torch.inference_mode():
@@ -388,8 +388,10 @@ def run_retrieval(recipe: Any, out_dir: str | Path, *, show_progress: bool = Tru
                        items=len(gallery_ds), shard_images=cfg.shard_images,
                        models={"encoders": cfg.encoders, "features": cfg.features})
     gallery_dir = Path(cfg.gallery_dir) if cfg.gallery_dir else out_dir / "gallery"
+    done = len(list(gallery_dir.glob("shard-*.json"))) if gallery_dir.is_dir() else 0
     echo(f"kdforge: embedding the gallery ({len(gallery_ds)} images x {spec.per_item} "
-         f"{'crops' if cfg.level == 'crop' else 'entry'}) into {gallery_dir}")
+         f"{'crops' if cfg.level == 'crop' else 'entry'}, {spec.num_shards} shards"
+         + (f", {done} done earlier" if done else "") + f") into {gallery_dir}")
     t0 = time.monotonic()
     store = embed_store(encoders, gallery_ds, gallery_dir, spec, batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, show_progress=show_progress)

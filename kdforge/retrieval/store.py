@@ -27,7 +27,6 @@ the rows computes it without ever forming a similarity matrix per encoder.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
@@ -46,8 +45,6 @@ from kdforge.data.datasets import mix_seed
 from kdforge.engine.checkpoint import atomic_path
 from kdforge.errors import KdforgeError, ShapeError
 from kdforge.retrieval.crops import CropParams, centre_params, remake, sample_params
-
-log = logging.getLogger("kdforge.retrieval")
 
 __all__ = ["GallerySpec", "GalleryStore", "combine", "embed_images", "embed_store", "shard_name"]
 
@@ -285,8 +282,12 @@ def embed_store(
                 done_now += n
                 if batch[-1][0] == spec.shard_items(current).stop - 1:  # the shard's last batch
                     _write_shard(directory, current, spec, rows, index)
-                    log.info("gallery shard %d/%d written (%d img/s)", current + 1, spec.num_shards,
-                             done_now / max(time.monotonic() - started, 1e-9))
+                    if show_progress and bar.disable:  # a log, not a terminal: one line per shard
+                        rate = done_now / max(time.monotonic() - started, 1e-9)
+                        eta = (left - done_now) / max(rate, 1e-9)
+                        print(f"kdforge: gallery shard {current + 1}/{spec.num_shards} written; "
+                              f"{total - left + done_now}/{total} entries, {rate:.0f} img/s, ETA "
+                              f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", file=sys.stderr)
                     rows, index = [], _empty_index()
                     current = next(shards, -1)
         finally:
