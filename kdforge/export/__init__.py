@@ -388,7 +388,13 @@ def _compare(fmt: str, run: Callable[[Tensor], Iterable[Tensor]], reference: Cal
     errors: dict[int, float] = {}
     magnitudes: dict[int, float] = {}
     for x in samples:
-        got, want = list(run(x)), list(reference(x))
+        try:
+            got = list(run(x))
+        except Exception as exc:  # noqa: BLE001 - a runtime's own error types; the user needs its first line
+            raise ExportError(f"{fmt}: the written model fails on a batch of {x.shape[0]} sample images "
+                              f"({type(exc).__name__}: {_first_line(exc)}); nothing was written. Try another format "
+                              "(pt2 is torch's own), and report it") from None
+        want = list(reference(x))
         if len(got) != len(want):
             raise ExportError(f"{fmt}: the written model gives {len(got)} outputs, the student {len(want)}")
         for i, (g, w) in enumerate(zip(got, want)):
