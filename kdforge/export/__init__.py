@@ -806,7 +806,8 @@ def export_run(run_dir: str | Path, out: str | Path, formats: Iterable[str], *, 
                               f"export one of them, e.g. {run_dir / names[-1]} (stages: {', '.join(names)})")
         found = ckpt.others(path)
         hint = (f"pass one of its checkpoints with --checkpoint ({', '.join(str(p) for p in found[:3])})" if found
-                else "it has not written a checkpoint yet: train it first (kdforge train ... --resume continues it)")
+                else "the run has written none yet: export it once training has written last.pt, or pass a "
+                "checkpoint with --checkpoint PATH")
         raise ExportError(f"'{run_dir}' holds no checkpoint to export (no last.pt): {hint}")
     state, recipe = read_run(run_dir, path, builds=("student",), trust=trust)
     changes = check_checkpoint_recipe(state, recipe, path, run_dir)
