@@ -317,5 +317,6 @@ def test_a_teacher_that_does_not_fit_the_export_is_told_what_to_set(tiny_export)
     teacher = tomllib.loads(TINY.read_text())["teacher"]  # embed_dim 32, the export's is 24
     with pytest.raises(KdforgeError, match=r"holds a timm vit_tiny_patch16_224 .* model_kwargs = \{ .*embed_dim = 24"):
         get_registry().create("teachers", {**teacher, "checkpoint": str(folder)}, "teacher")
-    with pytest.raises(KdforgeError, match=r"the model is timm's resnet18, but .* set model = \"vit_tiny_patch16_224\""):
+    with pytest.raises(KdforgeError, match=r"the model is timm's resnet18, but .* set model = "
+                                           r"\"vit_tiny_patch16_224\""):
         get_registry().create("teachers", {"plugin": "timm", "model": "resnet18", "checkpoint": str(folder)}, "teacher")
