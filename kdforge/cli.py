@@ -1,4 +1,4 @@
-"""``kdforge`` command line: train, retrieve, eval, diagnose (curves, attention, landscape), plugins, info.
+"""``kdforge`` command line: train, retrieve, eval, export, diagnose (curves, attention, landscape), plugins, info.
 
 Every user error (bad recipe, missing data, mismatched shapes) prints one message and exits with code 2.
 """
@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="build the run's recipe even if it runs code from outside kdforge (a torch.hub repository, "
                     "a pickled checkpoint, pipe: shell commands): only for run directories whose origin you trust")
     ev.add_argument("--out", metavar="PATH", help="JSON to write (default: RUN_DIR/eval_<checkpoint name>.json)")
+    exp = sub.add_parser("export", help="write a run's student for use without kdforge: a timm / Hugging Face folder, "
+                         "ONNX, TorchScript, torch.export (pt2), each checked against the student, with a model card")
+    exp.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding recipe.toml and last.pt")
+    exp.add_argument("--checkpoint", metavar="PATH", help="weights to export (default: RUN_DIR/last.pt)")
+    exp.add_argument("--format", dest="formats", action="append", required=True, metavar="FORMAT",
+                     help="timm (model.safetensors + config.json), onnx, torchscript or pt2; repeatable or "
+                     "comma-separated, e.g. --format timm,onnx")
+    exp.add_argument("--out", required=True, metavar="DIR", help="folder to create (must not exist, or be empty)")
+    exp.add_argument("--keep-mask-token", action="store_true",
+                     help="also write the student's mask token (mask_token.safetensors), for continued masked-image "
+                     "training from the export")
+    exp.add_argument("--trust-recipe", action="store_true",
+                     help="build the run's recipe even if it runs code from outside kdforge (see kdforge eval -h)")
     diagnose = sub.add_parser("diagnose", help="look into a run: training curves, attention, loss landscape")
     diagnostics = diagnose.add_subparsers(dest="diagnostic", required=True)
     curves = diagnostics.add_parser("curves", help="plot loss terms, lr, throughput and evaluations against the step")
@@ -260,6 +273,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import dataclasses
+
+    from kdforge.export import export_run
+
+    report = export_run(args.run_dir, args.out, args.formats, checkpoint=args.checkpoint,
+                        keep_mask_token=args.keep_mask_token, trust=args.trust_recipe)
+    print(json.dumps(dataclasses.asdict(report), indent=2))
+    errors = ", ".join(f"{f} {c['max_abs_error']:.2g}" for f, c in report.checks.items())
+    print(f"exported to {report.out}  ({', '.join(report.files)}; max abs error vs the student: {errors})")
+    return 0
+
+
 def diagnose_attention(args) -> str:
     from kdforge.diagnostics.attention import analyse_run
 
@@ -343,7 +369,8 @@ def cmd_info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = dict(train=cmd_train, retrieve=cmd_retrieve, eval=cmd_eval, diagnose=cmd_diagnose, plugins=cmd_plugins, info=cmd_info)
+    commands = dict(train=cmd_train, retrieve=cmd_retrieve, eval=cmd_eval, export=cmd_export, diagnose=cmd_diagnose,
+                    plugins=cmd_plugins, info=cmd_info)
     handler = commands[args.command]
     try:
         return handler(args)

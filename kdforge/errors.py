@@ -44,3 +44,7 @@ class CheckpointError(KdforgeError):
 class RunDirectoryError(KdforgeError):
     """The run directory cannot be used: a file is in the way, it is not writable, another run holds it, or it
     holds an earlier run's files."""
+
+
+class ExportError(KdforgeError):
+    """A student cannot be exported in a format asked for, or what was written does not reproduce the student."""

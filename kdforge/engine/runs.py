@@ -267,20 +267,26 @@ def load_student_state(student: nn.Module, state: dict, what: str, fix: str) -> 
     weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     if callable(getattr(student, "remap_state_dict", None)):
         weights = student.remap_state_dict(weights)
-    expected = student.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in weights and weights[k].shape != v.shape]
-    problems = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                for label, keys in (("missing from the checkpoint", missing), ("not in the student", unexpected),
-                                    ("shape in the checkpoint vs the student", shapes)) if keys]
+    problems = fit_problems(student, weights)
     if problems:
         run_student = {k: v for k, v in state.get("recipe", {}).get("student", {}).items()
                        if v not in ({}, None, "")}
         raise CheckpointError(f"{what}:\n  " + "\n  ".join(problems) +
                               f"\nThe checkpoint's [student] was {run_student}; {fix}")
     student.load_state_dict(weights)
+
+
+def fit_problems(student: nn.Module, weights: dict, source: str = "the checkpoint") -> list[str]:
+    """What keeps ``weights`` (a state dict) from loading into ``student`` exactly: a line each for the missing,
+    unexpected and differently shaped keys (a few of each), none when they fit."""
+    expected = student.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in weights and weights[k].shape != v.shape]
+    return [f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in ((f"missing from {source}", missing), ("not in the student", unexpected),
+                                (f"shape in {source} vs the student", shapes)) if keys]
 
 
 def init_source(value: str) -> Path | None:
@@ -291,14 +297,20 @@ def init_source(value: str) -> Path | None:
 def init_student(student: nn.Module, source: str | Path) -> Path:
     """Load the student weights of a run (``source``: its directory, whose last.pt is read, or a run checkpoint
     file) into ``student``, read with weights_only (:func:`kdforge.engine.checkpoint.load_run`): exactly the
-    run's student, no head of its losses. Returns the checkpoint read; :class:`CheckpointError` (exit 2) if there
-    is none or its student has other keys or shapes than ``student``."""
+    run's student, no head of its losses. ``source`` may also be a folder ``kdforge export --format timm`` wrote
+    (or its model.safetensors): :func:`kdforge.export.load_export_into_student`. Returns the file read;
+    :class:`CheckpointError` (exit 2) if there is none or its student has other keys or shapes than ``student``."""
+    from kdforge.export import export_folder_of, load_export_into_student
+
     source = Path(source)
     path = source / "last.pt" if source.is_dir() else source
     if not source.exists():
-        raise CheckpointError(f"student.init_from = '{source}': no such run directory or checkpoint; give the "
-                              "directory of a finished kdforge run (holding last.pt), or \"none\" to start from "
-                              "the student's own initialisation")
+        raise CheckpointError(f"student.init_from = '{source}': no such run directory, checkpoint or export; give "
+                              "the directory of a finished kdforge run (holding last.pt), a folder kdforge export "
+                              "wrote, or \"none\" to start from the student's own initialisation")
+    exported = export_folder_of(source) is not None and not path.is_file()  # a run directory's last.pt comes first
+    if exported or source.suffix == ".safetensors":
+        return load_export_into_student(student, source)
     state = ckpt.load_run(path)
     load_student_state(student, state, f"student.init_from: the student of '{path}' does not fit the recipe's "
                        "[student]", "make the recipe's [student] the run's architecture (model, model_kwargs, "

@@ -38,8 +38,8 @@ LOSS_TABLE_KEYS = {"weight": NonNegativeFloat}
 #: Keys of the [student] table that the engine reads (the others are the student plugin's Config).
 STUDENT_TABLE_KEYS = {"init_from": str}
 """init_from: start from the student weights of a run directory (its last.pt) or of a run checkpoint file, e.g.
-a distillation run to fine-tune; "" or "none" starts from the student's own initialisation
-(:func:`kdforge.engine.runs.init_student`)."""
+a distillation run to fine-tune, or of a folder ``kdforge export --format timm`` wrote (or its model.safetensors);
+"" or "none" starts from the student's own initialisation (:func:`kdforge.engine.runs.init_student`)."""
 
 
 def plugin_table(table: dict[str, Any], engine_keys: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Loading local weight files into a model, with errors that say what to do.
 
-Accepted files: ``.safetensors``, or ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` written by ``torch.save`` holding a
-state dict, ``{"model": state_dict}``, ``{"state_dict": state_dict}`` (or any key named by ``key``). Prefixes that
-wrappers add (``module.`` from DDP, ``_orig_mod.`` from torch.compile) are stripped.
+Accepted files: ``.safetensors`` (or a folder holding ``model.safetensors``: timm's and the Hugging Face hub's
+layout, which ``kdforge export`` writes), or ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` written by ``torch.save``
+holding a state dict, ``{"model": state_dict}``, ``{"state_dict": state_dict}`` (or any key named by ``key``).
+Prefixes that wrappers add (``module.`` from DDP, ``_orig_mod.`` from torch.compile) are stripped.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def read_state_dict(path: str, *, key: str = "", trust_pickle: bool = False, whe
     pickled code (only for files you trust; needed by checkpoints that store Python objects beside the weights).
     """
     path = os.path.expanduser(str(path))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.safetensors")):
+        path = os.path.join(path, "model.safetensors")  # a timm / Hugging Face folder (kdforge export writes one)
     if not os.path.isfile(path):
         hint = "it is a directory; name the weight file inside it" if os.path.isdir(path) else "no such file"
         raise KdforgeError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import warnings
 from typing import Any
@@ -39,12 +40,29 @@ def _is_head_key(name: str) -> bool:
 def load_timm_checkpoint(model: nn.Module, path: str, *, key: str = "", trust_pickle: bool = False,
                          where: str = "teacher.checkpoint") -> None:
     """Load a local weight file into a timm model. timm's own converter for the architecture runs first (as
-    for its pretrained weights), so original DINOv2 / OpenAI CLIP layouts and other position-embedding grids load."""
+    for its pretrained weights), so original DINOv2 / OpenAI CLIP layouts and other position-embedding grids load.
+    ``path`` may be a timm / Hugging Face folder (``kdforge export --format timm`` writes one) or its
+    model.safetensors: its config.json must then name the model's architecture, and a misfit names the
+    architecture and model_args to set."""
+    from kdforge.export import export_folder_of, read_export_config
+
+    folder = export_folder_of(path)
+    hint = None
+    if folder is not None:
+        config = read_export_config(folder)
+        arch = config["architecture"]
+        args = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes" and v is not None}
+        kwargs = ", ".join(f"{k} = {json.dumps(v)}" for k, v in args.items())
+        hint = (f"'{folder}' holds a timm {arch} with model_args {args} (its config.json): set model = \"{arch}\" "
+                f"and model_kwargs = {{ {kwargs} }} in [{where.split('.')[0]}]")
+        ours = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if ours and ours != arch:
+            raise KdforgeError(f"{where} = '{path}': the model is timm's {ours}, but {hint}")
     sd = read_state_dict(path, key=key, trust_pickle=trust_pickle, where=where)
     convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if convert is not None:
         sd = convert(sd, model)
-    load_into(model, sd, path=path, where=where, ignore=_is_head_key)
+    load_into(model, sd, path=path, where=where, ignore=_is_head_key, **({"hint": hint} if hint else {}))
 
 
 class TimmBackedTeacher(Teacher):
