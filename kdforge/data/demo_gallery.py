@@ -9,8 +9,8 @@ gallery task images (what de-duplication must find).
 
 The folder is written once under the cache (or ``root``) and read back as image files through the same path as any
 image folder; file names say what each image is (``task-03-000012.png``, ``digit-7-000100.png``, ``leak-...``,
-``dup-...``), and the dataset's labels are the task class (0 .. task_classes - 1) of task, leak and duplicate images
-and -1 for distractors, so a retrieved set's class purity can be measured.
+``dup-...``: kind, class, number), which is how a retrieved set's class purity is measured; as a data source it is
+unlabelled (label -1), as a web gallery is.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 from kdforge.data import DataSource
 from kdforge.data.datasets import FileImageDataset
+from kdforge.errors import DataError
 from kdforge.ranges import ImageSide, NonNegativeInt, Range, Seed
 
 __all__ = ["DemoGallerySource"]
@@ -75,7 +76,6 @@ class DemoGallerySource(DataSource):
         if cfg.task_first_class + cfg.task_classes > 12:
             raise ValueError(f"task_first_class + task_classes = {cfg.task_first_class + cfg.task_classes} > 12: "
                              "there are 12 procedural shapes")
-        self.num_classes = cfg.task_classes
 
     def folder(self) -> Path:
         settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "root"}
@@ -88,18 +88,13 @@ class DemoGallerySource(DataSource):
 
     def build(self, split: str, transform: Callable[[Any], torch.Tensor] | None) -> FileImageDataset:
         if split != "train":
-            raise ValueError(f"the demo gallery has one split, 'train', got {split!r}")
+            raise DataError(f"the demo gallery has one split, 'train', not {split!r}")
         folder = self.folder()
         if not (folder / "done").is_file():
             _write(self.cfg, folder)
         files = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
-        samples = [(str(folder / f), _label(f)) for f in files]
+        samples = [(str(folder / f), -1) for f in files]
         return FileImageDataset(samples, transform)
-
-
-def _label(filename: str) -> int:
-    kind, label = filename.split("-")[:2]
-    return int(label) if kind in ("task", "leak", "dup") else -1
 
 
 def _write(cfg: DemoGallerySource.Config, folder: Path) -> None:

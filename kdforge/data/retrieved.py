@@ -102,7 +102,7 @@ class RetrievedSource(DataSource):
 
     def build(self, split: str, transform: Callable[[Any], torch.Tensor] | None) -> RetrievedDataset:
         if split != "train":
-            raise ValueError(f"a retrieved transfer set has one split, 'train', got {split!r}")
+            raise DataError(f"a retrieved transfer set has one split, 'train', not {split!r}")
         from kdforge.data.shards import random_access
         from kdforge.plugins import get_registry
 

@@ -14,7 +14,22 @@ from kdforge.errors import DataError
 from kdforge.plugins import Registry
 from kdforge.recipe.schema import field_docs
 
-BUILTIN = {"image_folder", "webdataset", "procedural", "digits", "single_image", "few_shot", "mixture", "image_mixer"}
+BUILTIN = {"image_folder", "webdataset", "procedural", "digits", "single_image", "few_shot", "mixture", "image_mixer",
+           "retrieved", "demo_gallery"}
+
+
+def _retrieval(out: Path) -> str:
+    """A kdforge retrieve output of four crops of procedural images (as the pipeline writes it)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    gallery = {"plugin": "procedural", "num_train": 8, "num_val": 4, "image_size": 20}
+    (out / "retrieval.json").write_text(json.dumps({"gallery": gallery, "image_size": 16}))
+    records = [{"entry": i, "item": i, "crop": 0, "box": [i, 2, 15, 12], "ops": [["contrast", 1.5]],
+                "source": f"#{i}", "query": 0, "query_label": 0, "similarity": 0.5, "strategy": "random"}
+               for i in range(4)]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +69,9 @@ def tables(tmp_path, imagenet_tree):
                                 "shapes": {"plugin": "procedural", "num_train": 16, "image_size": 12,
                                            "frequency": 0.5}},
                     "length": 12},
+        "demo_gallery": {"per_class": 2, "other_shapes": 4, "digits": 2, "photos": 2, "image_size": 16,
+                         "root": str(tmp_path / "gallery")},
+        "retrieved": {"manifest": _retrieval(tmp_path / "retrieval")},
         # its tiny diffusion model is written by the test that builds it (skipped without diffusers)
         "image_mixer": {"source": {"plugin": "procedural", "num_train": 8, "num_val": 4, "image_size": 16},
                         "out": str(tmp_path / "mixed"), "count": 4, "pipeline": str(tmp_path / "mixer_pipeline"),
