@@ -17,6 +17,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -84,6 +85,21 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    """``path`` as a second name of the finished file ``source`` (a hard link; a copy where the file system has
+    none), atomically like :func:`atomic_save`: a checkpoint is serialised once and the step checkpoint is the
+    same file as last.pt. A later atomic write of ``source`` replaces its name only, so ``path`` keeps its bytes."""
+    source, path = Path(source), Path(path)
+    with atomic_path(path) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (some network and FAT file systems)
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
 
 
 def rng_state() -> dict[str, Any]:

@@ -38,9 +38,11 @@ from kdforge.engine import checkpoint as ckpt
 from kdforge.engine import runs, signals
 from kdforge.engine.distributed import DistInfo, all_reduce_flag, barrier, init_distributed
 from kdforge.engine.optim import param_groups
+from kdforge.engine.prefetch import DevicePrefetcher, to_device
 from kdforge.engine.signals import Preempted
 from kdforge.errors import CheckpointError, DataError, KdforgeError, RecipeError, ShapeError, TrainingDiverged
 from kdforge.eval import Encoder, build_eval_sets, evaluate_encoders
+from kdforge.masking import draw_on_host
 from kdforge.plugins import get_registry
 from kdforge.recipe import LOSS_TABLE_KEYS, STUDENT_TABLE_KEYS, Recipe, dump_toml, plugin_table, to_dict
 
@@ -399,9 +401,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=r.train.precision == "fp16")
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
+            # Every parameter takes part in every step (the mask token too: the masked view always gets a mask, all
+            # False when no image is masked; a loss with nothing to do returns a zero that keeps its head in the
+            # graph), so the graph is static; train.find_unused_parameters is for plugins that skip parameters.
+            # Gradients are the all-reduce buckets themselves (no copy); nothing in the models is a buffer that
+            # training changes, so buffers are not broadcast at every forward.
+            unused = r.train.find_unused_parameters
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,  # the mask token idles in batches with no masked image
+                find_unused_parameters=unused, static_graph=not unused, gradient_as_bucket_view=True,
+                broadcast_buffers=False,
             )
         self.forward_model = torch.compile(self.ddp_model) if r.train.compile else self.ddp_model
 
@@ -413,6 +422,10 @@ class Trainer:
         self.results: dict[str, Any] = {}
         self.last_metrics: dict[str, float] = {}
         self.checkpoint_step = 0  # the step of the last checkpoint written (or resumed from); 0: none yet
+        # [step, loss, terms...] of the first optimizer step whose loss was not finite (step 0: none), kept on the
+        # device and read on log steps and before checkpoints: checking every step would stop the CPU each step.
+        self._diverged: torch.Tensor | None = None
+        self._train_loader: torch.utils.data.DataLoader | None = None  # one, with persistent workers, for all epochs
         self._loggers: list = []
         from kdforge.data.skips import SkipCounter
 
@@ -541,13 +554,21 @@ class Trainer:
                       pin_memory=self.device.type == "cuda",
                       generator=torch.Generator().manual_seed(self.recipe.run.seed * 7919 + self.epoch))
         if self.streaming:
-            # Shards cannot seek: a resumed epoch re-reads and drops the batches already trained on.
+            # Shards cannot seek: a resumed epoch re-reads and drops the batches already trained on. A new loader
+            # per epoch: the workers' copies of the shards must see set_epoch.
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             loader = signals.DataLoader(self.dataset, **common)
             return itertools.islice(loader, self.batch_in_epoch, self.batches_per_epoch)
+        # One loader for the whole run, its workers kept between epochs (starting them again costs seconds per
+        # epoch at ImageNet scale); the sampler, read in this process, is moved before each epoch's iterator. Items
+        # seed themselves (SeededItems), so the workers' own seeds play no part.
         self.sampler.set_position(self.epoch, self.batch_in_epoch * r.batch_size)
-        return iter(signals.DataLoader(SeededItems(self.dataset, self.recipe.run.seed), sampler=self.sampler, **common))
+        if self._train_loader is None:
+            self._train_loader = signals.DataLoader(SeededItems(self.dataset, self.recipe.run.seed),
+                                                    sampler=self.sampler, persistent_workers=r.num_workers > 0,
+                                                    **common)
+        return iter(self._train_loader)
 
     # ----------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
@@ -578,7 +599,7 @@ class Trainer:
                     if self.resume_path is None:
                         self._evaluate("before")
                     self._train_loop()
-                    if self.step > 0:
+                    if self.step > 0 and self.checkpoint_step != self.step:  # not twice for the last step
                         self.save()
                     self._evaluate("after")
                     self._write_curves()
@@ -658,10 +679,14 @@ class Trainer:
             while self.step < last_step:
                 micro: list[dict] = []
                 seen = readable = 0
-                for batch in self._loader():
-                    self._skips.add_batch(batch)  # raises DataError once too many images were unreadable
+                for host, batch in DevicePrefetcher(self._loader(), self.device):
+                    # Host-side checks on the CPU batch, once it is taken (the prefetcher reads one ahead).
+                    self._skips.add_batch(host)  # raises DataError once too many images were unreadable
+                    if len(host["image"]):
+                        self._check_labels(host["label"])
+                    batch["checked"] = True
                     seen += 1
-                    readable += len(batch["image"]) > 0
+                    readable += len(host["image"]) > 0
                     self.batch_in_epoch += 1
                     epoch_done = self.batch_in_epoch >= self.batches_per_epoch
                     # A batch whose every image was unreadable is counted above and trains nothing; under DDP every
@@ -673,13 +698,16 @@ class Trainer:
                             self._end_epoch(last_step)
                         continue
                     metrics = self.train_step(micro)
-                    self.last_metrics = metrics
                     window_imgs += sum(b["image"].shape[0] for b in micro) * self.dist.world_size
                     micro = []
                     bar.update(1)
+                    log_step = self.step % r.train.log_every == 0 or self.step == last_step
                     if epoch_done:  # before the checkpoint, so that a resume starts the next epoch
+                        self._check_diverged()
                         self._end_epoch(last_step)
-                    if self.step % r.train.log_every == 0 or self.step == last_step:
+                    if log_step:  # the step's values reach the host here only (one synchronisation)
+                        metrics = self._host_metrics(metrics)
+                        self.last_metrics = metrics
                         dt = time.perf_counter() - window_t
                         metrics["img_per_s"] = window_imgs / dt if dt > 0 else 0.0
                         metrics["epoch"] = self.epoch + self.batch_in_epoch / max(1, self.batches_per_epoch)
@@ -690,7 +718,8 @@ class Trainer:
                         self.save()
                     if self.step_hook is not None:
                         self.step_hook(self.step)
-                    if all_reduce_flag(signals.requested(), self.dist):
+                    # Alone, the flag is this process's; under DDP it is agreed on (a collective) on log steps only.
+                    if (log_step or not self.dist.enabled) and all_reduce_flag(signals.requested(), self.dist):
                         raise Preempted(f"SIGTERM at step {self.step}")
                     if self.step >= last_step or epoch_done:
                         break
@@ -712,14 +741,17 @@ class Trainer:
         if every and self.epoch % every == 0 and self.step < last_step:
             self._evaluate(f"epoch{self.epoch}")
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        """One optimizer step over ``accum_steps`` micro-batches; returns the step's metrics."""
+    def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor | float]:
+        """One optimizer step over ``accum_steps`` micro-batches; returns the step's metrics, as 0-d tensors on the
+        device (``lr``: a float): nothing here waits for the device (:meth:`_host_metrics` reads them on log
+        steps)."""
         r = self.recipe
         lr = cosine_lr(self.step, self.total_steps, self.warmup_steps, self.peak_lr, r.optim.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # optim.layer_decay
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, terms_sum = 0.0, {}
+        total_loss: torch.Tensor | float = 0.0
+        terms_sum: dict[str, torch.Tensor | float] = {}
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
@@ -730,7 +762,7 @@ class Trainer:
                 terms_sum[k] = terms_sum.get(k, 0.0) + v / len(micro_batches)
         if r.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), r.optim.clip_grad))
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), r.optim.clip_grad)
         else:
             grad_norm = float("nan")
         self.scaler.step(self.optimizer)
@@ -744,17 +776,22 @@ class Trainer:
     def _teacher_forward(self, images: torch.Tensor):
         return self.objective.teacher_forward(images)
 
-    def forward_backward(self, batch: dict, *, micro_index: int = 0, scale: float = 1.0) -> tuple[float, dict]:
-        images = batch["image"].to(self.device, non_blocking=True)
+    def forward_backward(self, batch: dict, *, micro_index: int = 0,
+                         scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one micro-batch (a CPU batch, or one the loop has sent and checked: no host
+        synchronisation then); returns the loss and its terms as detached 0-d tensors on the device."""
+        if not batch.get("checked"):
+            if len(batch["image"]):
+                self._check_labels(batch["label"])
+            batch = to_device(batch, self.device)
+        images = batch["image"]
         stand_in = images.shape[0] == 0  # DDP only: this process's batch was all unreadable images
         if stand_in:
             size = self.recipe.augment.image_size
             images, scale = torch.zeros(1, 3, size, size, device=self.device), 0.0
             # label 0, not -1: a supervised loss must be able to read it (the stand-in's weight is 0 anyway)
-            batch = dict(batch, image=images, label=torch.zeros(1, dtype=torch.long),
-                         index=torch.zeros(1, dtype=torch.long))
-        else:
-            self._check_labels(batch["label"])
+            batch = dict(batch, image=images, label=torch.zeros(1, dtype=torch.long, device=self.device),
+                         index=torch.zeros(1, dtype=torch.long, device=self.device))
         step_seed = (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63)
         unmixed = None
         if self.mix is not None:  # before the teacher: teacher and student see the same (mixed) view
@@ -764,18 +801,46 @@ class Trainer:
         teacher_out = self._teacher_forward(images)
         mask = None
         if self.masker is not None and "masked" in self.model.views:
-            g = torch.Generator().manual_seed(step_seed)
-            mask = self.masker(images.shape[0], self.grid, g).to(self.device, non_blocking=True)
+            # Drawn on the CPU with the masked patches' indices, which the masked-patch losses gather with.
+            mask, index = draw_on_host(self.masker, images.shape[0], self.grid, step_seed, self.device)
+            batch = dict(batch, mask_index=index)
         with self._autocast():
             loss, terms = self.forward_model(images, mask, teacher_out, batch, unmixed)
-        if not bool(torch.isfinite(loss)):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1} (terms: {detail}); "
-                                   f"{self._last_good_checkpoint()}")
+        if not stand_in:
+            self._note_divergence(loss, terms)
         self.scaler.scale(loss * scale).backward()
         if stand_in:
-            return 0.0, {k: 0.0 for k in terms}
-        return float(loss.detach()), {k: float(v) for k, v in terms.items()}
+            return loss.new_zeros(()), {k: v.new_zeros(()) for k, v in terms.items()}
+        return loss.detach(), terms
+
+    def _note_divergence(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Keep [step, loss, terms] of the first step whose loss is not finite, on the device (no synchronisation):
+        :meth:`_check_diverged` reads it."""
+        row = torch.stack([torch.full((), float(self.step + 1), device=loss.device), loss.detach().float(),
+                           *(v.float() for v in terms.values())])
+        if self._diverged is None or self._diverged.shape != row.shape:
+            self._diverged = torch.zeros_like(row)
+        first = ~torch.isfinite(row[1]) & (self._diverged[0] == 0)
+        self._diverged = torch.where(first, row, self._diverged)
+
+    def _check_diverged(self) -> None:
+        """Raise :class:`TrainingDiverged` naming the first step whose loss was not finite, if there was one (reads
+        the device: log steps, epoch ends, before checkpoints)."""
+        if self._diverged is None:
+            return
+        step, loss, *values = self._diverged.tolist()
+        if step == 0:
+            return
+        detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.model.losses, values))
+        raise TrainingDiverged(f"loss became {loss} at step {int(step)} (terms: {detail}); "
+                               f"{self._last_good_checkpoint()}")
+
+    def _host_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """The step's metrics as floats, read from the device at once (one synchronisation); checks divergence."""
+        self._check_diverged()
+        tensors = [v.detach().float().reshape(()) for v in metrics.values() if isinstance(v, torch.Tensor)]
+        values = iter(torch.stack(tensors).tolist() if tensors else ())
+        return {k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}
 
     def _last_good_checkpoint(self) -> str:
         """What a divergence message says about where to go back to: a checkpoint only if one exists."""
@@ -846,6 +911,7 @@ class Trainer:
 
         A state that is not finite is never written: it would replace the last good checkpoint with a diverged one
         (every process checks its identical copy, so all of them stop)."""
+        self._check_diverged()
         self._check_finite()
         if not self.dist.is_main:
             barrier(self.dist)
@@ -853,8 +919,8 @@ class Trainer:
         state = self.state_dict()
         ckpt.atomic_save(state, self.run_dir / "last.pt")
         keep = self.recipe.train.keep_checkpoints
-        if keep > 0:
-            ckpt.atomic_save(state, self.run_dir / f"step_{self.step:08d}.pt")
+        if keep > 0:  # the same file under a second name: serialised and written once
+            ckpt.atomic_copy(self.run_dir / "last.pt", self.run_dir / f"step_{self.step:08d}.pt")
             old = sorted(self.run_dir.glob("step_*.pt"))[:-keep]
             for p in old:
                 p.unlink(missing_ok=True)

@@ -107,10 +107,11 @@ class ProteusPatchLoss(ProteusLoss):
         """Kernel backend of kdforge.ops.whitened_loss and masked_gather."""
 
     def forward(self, student_out, teacher_out, batch):
-        mask = batch["mask"]
-        # Project only the masked rows: the head's cost then scales with the mask ratio.
-        rows = masked_gather(student_out.patches, mask, backend=self.cfg.backend)
-        target = masked_gather(teacher_out.patches, mask, backend=self.cfg.backend)
+        mask, index = batch["mask"], batch.get("mask_index")
+        # Project only the masked rows: the head's cost then scales with the mask ratio. The engine sends the rows'
+        # indices with the mask (no count on the device, so no synchronisation).
+        rows = masked_gather(student_out.patches, mask, backend=self.cfg.backend, index=index)
+        target = masked_gather(teacher_out.patches, mask, backend=self.cfg.backend, index=index)
         pred = self.head(rows)
         if pred.shape[0] == 0:
             # No image of this batch was masked: a zero that keeps the head in the graph (DDP needs every

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["Masker"]
+__all__ = ["Masker", "draw_on_host"]
 
 
 class Masker:
@@ -46,3 +46,16 @@ def check_call(batch_size: int, grid: tuple[int, int], who: str) -> tuple[int, i
     if gh < 1 or gw < 1:
         raise ValueError(f"{who}: grid must be positive, got {(gh, gw)}")
     return gh, gw
+
+
+def draw_on_host(masker: Masker, batch_size: int, grid: tuple[int, int], seed: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's mask and the flat indices of its masked patches, drawn on the CPU and sent to ``device`` without
+    a host synchronisation: (BoolTensor[B, gh * gw], LongTensor[M]) with M = mask.sum(), the positions
+    ``b * gh * gw + n`` in row-major order. The indices are what the masked-patch losses gather with: counting the
+    masked patches on the GPU (``nonzero``) would stop the CPU until every queued kernel had run."""
+    mask = masker(batch_size, grid, torch.Generator().manual_seed(seed))
+    index = mask.reshape(-1).nonzero().reshape(-1)
+    if device.type == "cuda":  # pinned: the copies are queued and return at once
+        mask, index = mask.pin_memory(), index.pin_memory()
+    return mask.to(device, non_blocking=True), index.to(device, non_blocking=True)

@@ -97,12 +97,15 @@ _gather_triton.register_autograd(_gather_backward, setup_context=_gather_setup)
 _merge_triton.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
-def masked_gather(x: Tensor, mask: Tensor, *, backend: str = "auto") -> Tensor:
+def masked_gather(x: Tensor, mask: Tensor, *, backend: str = "auto", index: Tensor | None = None) -> Tensor:
     """The rows of x: Tensor[B, N, D] where mask: BoolTensor[B, N] is true, in row-major order -> Tensor[M, D].
 
     Any number of leading dims works (mask has x's shape without the last dim). Differentiable in x. M is
-    data-dependent: the CUDA backends synchronise once to learn it. ``backend``: "auto" | "reference" | "triton" |
-    "ext".
+    data-dependent: the CUDA backends synchronise once to learn it, unless the caller passes ``index``, the flat
+    positions of the true entries (``mask.reshape(-1).nonzero()``, LongTensor[M] on x's device, made on the host
+    where the mask was drawn: :func:`kdforge.masking.draw_on_host`): then the rows are one index_select, with no
+    synchronisation and a shape known in advance (a graph without breaks under torch.compile). ``backend``:
+    "auto" | "reference" | "triton" | "ext" (not used with ``index``).
     """
     op = "masked_gather"
     _checks.tensor(op, "x", x)
@@ -110,6 +113,12 @@ def masked_gather(x: Tensor, mask: Tensor, *, backend: str = "auto") -> Tensor:
         raise ShapeError(f"{op}: x must be [B, N, D] (any leading dims, then D), got shape {tuple(x.shape)}")
     mask = _checks.bool_mask(op, mask, tuple(x.shape[:-1]), "x")
     device = _checks.same_device(op, x=x, mask=mask)
+    if index is not None:
+        _checks.tensor(op, "index", index)
+        if index.dim() != 1 or index.dtype != torch.long or index.device != x.device:
+            raise ShapeError(f"{op}: index must be a LongTensor[M] on {x.device} (the flat positions of the mask's "
+                             f"true entries), got {index.dtype} {tuple(index.shape)} on {index.device}")
+        return x.reshape(-1, x.shape[-1]).index_select(0, index)
     chosen = _dispatch.resolve(op, backend, device)
     if chosen == "reference":
         return reference.masked_gather(x, mask)

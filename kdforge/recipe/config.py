@@ -111,6 +111,9 @@ class TrainConfig:
     """torch.compile the student."""
     resize_teacher_grid: bool = False
     """Resample the teacher's patch tokens bilinearly onto the student's grid when their patch grids differ."""
+    find_unused_parameters: bool = False
+    """DDP: a step may leave some parameters unused (a plugin's optional branch); off, the graph is static, as in
+    every built-in recipe."""
 
 
 @dataclasses.dataclass

@@ -167,7 +167,8 @@ def test_loss_weights_scale_each_term_in_the_total_and_in_the_gradients(tmp_path
                         "losses.patch.weight=0")
     plain = _trainer(tmp_path / "b", own)  # same seed: same initial weights, same first batch and mask
     batch = next(iter(weighted._loader()))
-    loss, terms = weighted.forward_backward(batch)
+    loss, terms = weighted.forward_backward(batch)  # 0-d tensors on the device: read here, not in the step
+    loss, terms = float(loss), {k: float(v) for k, v in terms.items()}
     assert loss == pytest.approx(2.5 * terms["token"] + 0.5 * terms["feature"], rel=1e-6)
     assert terms["patch"] > 0  # computed and logged, yet weight 0 keeps it out of the total ...
     patch_head = weighted.model.losses["patch"].head

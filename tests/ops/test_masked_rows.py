@@ -193,3 +193,28 @@ def test_gpu_large(gen, dtype):
     assert torch.equal(rows, x.detach()[mask])
     new = masked_scatter(rows.detach() * 2, mask, x.detach(), backend="triton")
     assert torch.equal(new, reference.masked_scatter(rows.detach() * 2, mask, x.detach()))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4, 1.0], ids=["none", "some", "all"])
+def test_gather_by_host_index_equals_the_masked_gather(gen, p):
+    """The engine's path: the rows' flat positions made on the host with the mask (no count on the device)."""
+    from kdforge.masking import draw_on_host
+
+    x = randn(gen, B, N, D, requires_grad=True)
+    mask = _mask(gen, B, N, p=p)
+    index = torch.nonzero(mask.reshape(-1).cpu()).squeeze(1).to(DEVICE)
+    rows = masked_gather(x, mask, index=index)
+    assert torch.equal(rows, reference.masked_gather(x.detach(), mask))
+    grad_rows = randn(gen, *rows.shape)
+    (grad,) = torch.autograd.grad(rows, x, grad_rows)
+    (expected,) = torch.autograd.grad(reference.masked_gather(x, mask), x, grad_rows)
+    assert torch.equal(grad, expected)
+    with pytest.raises(ShapeError, match="index must be a LongTensor"):
+        masked_gather(x, mask, index=index.int())
+
+    class Half:  # a masker: every other patch of every image
+        def __call__(self, b, grid, generator):
+            return (torch.arange(grid[0] * grid[1]) % 2 == 0).expand(b, -1).clone()
+
+    drawn, host_index = draw_on_host(Half(), 2, (2, 3), seed=0, device=x.device)
+    assert drawn.device == x.device and host_index.tolist() == [0, 2, 4, 6, 8, 10]
