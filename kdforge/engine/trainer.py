@@ -133,13 +133,14 @@ class Objective:
     """``train.compile_teacher``: the teacher's encode under torch.compile, used by :meth:`teacher_forward` (the
     evaluation keeps the eager teacher: its batch sizes vary); None: eager."""
 
-    def teacher_forward(self, images: torch.Tensor):
+    def teacher_forward(self, images: torch.Tensor, *, eager: bool = False):
         """The teacher's output for ``images`` (frozen: eval mode, inference mode and autocast live in the teacher),
         its patches resized to the student's grid where ``train.resize_teacher_grid`` asks for it; None when no
-        loss reads the teacher."""
+        loss reads the teacher. ``eager``: skip ``train.compile_teacher`` (a one-off batch of another size, whose
+        compilation the training batches could not reuse)."""
         if not self.reads_teacher:
             return None
-        teacher_out = self.teacher(images) if self.teacher_encode is None else \
+        teacher_out = self.teacher(images) if self.teacher_encode is None or eager else \
             self.teacher(images, encode=self.teacher_encode)
         if self.teacher_grid != tuple(self.grid):  # train.resize_teacher_grid (checked when built): once per batch
             from kdforge.students import resize_patches
@@ -531,7 +532,7 @@ class Trainer:
                     if self.mix_targets:
                         batch["target"] = target
                 with self._autocast():
-                    self.model(images, mask, self._teacher_forward(images), batch, unmixed)
+                    self.model(images, mask, self.objective.teacher_forward(images, eager=True), batch, unmixed)
             except KdforgeError:
                 raise
             except (RuntimeError, ValueError, IndexError, AssertionError, TypeError) as exc:
