@@ -136,7 +136,7 @@ def build_trainer(size: Size, device: torch.device, run_dir: Path, *, compile_te
         return json.dumps(value)
 
     recipe = load_recipe(RECIPE, overrides=[
-        f"run.device={json.dumps(str(device))}",
+        f"run.device={json.dumps(device.type)}",  # the Literal takes "cpu" / "cuda" (rank 0: cuda:0)
         f"data={toml({'plugin': 'procedural', 'image_size': size.image, 'num_train': 2 * size.batch})}",
         f"augment.image_size={size.image}",
         f"teacher={toml(size.teacher)}",
