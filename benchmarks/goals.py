@@ -34,7 +34,8 @@ from benchmarks.harness import Record, quartiles
 
 MET, NOT_MET, NOISY, UNMEASURED = "met", "not met", "noisy", "unmeasured"
 # Benchmark modules that declare goals; the JSON command imports them to know the goals.
-GOAL_MODULES = ("benchmarks.test_bench_ops", "benchmarks.test_bench_ext", "benchmarks.test_bench_engine")
+GOAL_MODULES = ("benchmarks.test_bench_ops", "benchmarks.test_bench_ext", "benchmarks.test_bench_engine",
+                "benchmarks.train_step")
 # Fewest interleaved rounds a wall-clock speedup is judged from (with fewer, a quartile is one or two rounds).
 MIN_ROUNDS = 5
 

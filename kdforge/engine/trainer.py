@@ -131,14 +131,19 @@ class Objective:
     device: torch.device
     reads_teacher: bool = True
     """False when no loss reads the teacher (a supervised stage): no teacher forward then."""
+    teacher_encode: Callable[[torch.Tensor], Any] | None = None
+    """``train.compile_teacher``: the teacher's encode under torch.compile, used by :meth:`teacher_forward` (the
+    evaluation keeps the eager teacher: its batch sizes vary); None: eager."""
 
-    def teacher_forward(self, images: torch.Tensor):
+    def teacher_forward(self, images: torch.Tensor, *, eager: bool = False):
         """The teacher's output for ``images`` (frozen: eval mode, inference mode and autocast live in the teacher),
         its patches resized to the student's grid where ``train.resize_teacher_grid`` asks for it; None when no
-        loss reads the teacher."""
+        loss reads the teacher. ``eager``: skip ``train.compile_teacher`` (a one-off batch of another size, whose
+        compilation the training batches could not reuse)."""
         if not self.reads_teacher:
             return None
-        teacher_out = self.teacher(images)
+        teacher_out = self.teacher(images) if self.teacher_encode is None or eager else \
+            self.teacher(images, encode=self.teacher_encode)
         if self.teacher_grid != tuple(self.grid):  # train.resize_teacher_grid (checked when built): once per batch
             from kdforge.students import resize_patches
 
@@ -195,7 +200,22 @@ def build_objective(recipe: Recipe, device: torch.device, *, num_classes: int | 
         grid=grid, teacher_grid=tuple(teacher.grid(size)) if teacher is not None else tuple(grid),
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.train.precision), device=device,
         reads_teacher=any(l.reads_teacher for l in losses.values()),
+        teacher_encode=compiled_teacher_encode(teacher) if r.train.compile_teacher and teacher is not None else None,
     )
+
+
+def compiled_teacher_encode(teacher: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """``teacher.encode`` under torch.compile for inference (``train.compile_teacher``): static shapes (a training
+    batch keeps its size), the default mode. Only encode is compiled, not the module: it runs inside the teacher's
+    inference mode and autocast (:meth:`kdforge.teachers.Teacher.run_frozen`), which inductor cannot trace around
+    parameters (it fails setting an inference tensor's version counter)."""
+    from kdforge.teachers import Teacher
+
+    if not isinstance(teacher, Teacher):
+        raise RecipeError(f"train.compile_teacher compiles a kdforge Teacher's encode, but the teacher is a "
+                          f"{type(teacher).__name__}: derive it from kdforge.teachers.Teacher or set "
+                          "train.compile_teacher = false")
+    return torch.compile(teacher.encode, dynamic=False)
 
 
 def check_eval_classes(recipe: Recipe, classes: int | None) -> None:
@@ -525,7 +545,7 @@ class Trainer:
                     if self.mix_targets:
                         batch["target"] = target
                 with self._autocast():
-                    self.model(images, mask, self._teacher_forward(images), batch, unmixed)
+                    self.model(images, mask, self.objective.teacher_forward(images, eager=True), batch, unmixed)
             except KdforgeError:
                 raise
             except (RuntimeError, ValueError, IndexError, AssertionError, TypeError) as exc:

@@ -4,7 +4,8 @@ Backends: "reference" (pure PyTorch, always), "triton" (kdforge/kernels; CUDA, o
 interpreter when TRITON_INTERPRET=1 was set before kdforge imported its kernels, for tests), "ext" (the compiled
 kdforge._C through kdforge._ext), and for attention also "sdpa" (torch's scaled_dot_product_attention) and
 "xformers" (memory_efficient_attention, where installed). ``auto`` never picks the Triton interpreter: on CUDA it
-prefers Triton, on the CPU the compiled extension, else the reference (SDPA for attention).
+prefers Triton, on the CPU the compiled extension, else the reference (SDPA for attention). Attention refines
+``auto`` with what only its inputs tell (a bias, the dtype, the head dim): :func:`kdforge.ops.attn.auto_backend`.
 """
 
 from __future__ import annotations

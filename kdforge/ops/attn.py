@@ -108,6 +108,22 @@ def _xformers(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
     return out.transpose(1, 2)
 
 
+def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, *, has_bias: bool) -> str:
+    """The backend ``attention(..., backend="auto")`` runs for inputs of ``dtype`` and ``head_dim`` on ``device``:
+    "triton" or "sdpa".
+
+    Without a bias, SDPA dispatches to FlashAttention-2 / cuDNN kernels that outrun kdforge's Triton kernel, so
+    "auto" takes SDPA. With a bias (a relative position bias) SDPA must use its masked (memory-efficient or math)
+    kernels; there kdforge's kernel wins, in float16/bfloat16 on CUDA, for head dims 16..128, where Triton can be
+    imported. In float32 the kernel's exact products (no silent TF32) run on CUDA cores, far from tensor-core
+    speed, so SDPA stays the choice; backend="triton" still runs the kernel (IEEE fp32).
+    """
+    if (has_bias and _dispatch.resolve("attention", "auto", device) == "triton"
+            and dtype in (torch.float16, torch.bfloat16) and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM):
+        return "triton"
+    return "sdpa"
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -128,8 +144,9 @@ def attention(
 
     ``backend``: "auto" | "triton" | "sdpa" (torch.nn.functional.scaled_dot_product_attention with
     attn_mask=bias) | "xformers" (memory_efficient_attention, where installed) | "reference" (materialises the
-    scores) | "ext" (refused: there is no compiled attention). "auto" is Triton for float16/bfloat16 on CUDA and
-    SDPA otherwise.
+    scores) | "ext" (refused: there is no compiled attention). "auto" is SDPA (its flash / cuDNN / memory-efficient
+    kernels) when there is no bias, and kdforge's Triton kernel only with a bias in float16/bfloat16 on CUDA (head
+    dims 16..128), where SDPA falls back to its slower masked kernels; see :func:`auto_backend`.
     """
     op = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -164,23 +181,17 @@ def attention(
     device = _checks.same_device(op, q=q, k=k, v=v, bias=bias)
     scale = float(d**-0.5 if scale is None else scale)
 
-    chosen = _dispatch.resolve(op, backend, device)
+    chosen = auto_backend(device, q.dtype, d, has_bias=bias is not None) if backend == "auto" else \
+        _dispatch.resolve(op, backend, device)
     if q.numel() == 0:
         # Nothing to attend (B, H or N is 0): every backend's answer is the reference's, whose graph also reaches
         # bias (zero gradients rather than None, which SDPA gives for empty inputs).
         chosen = "reference"
-    if chosen == "triton" and backend == "auto" and q.dtype == torch.float32:
-        # Exact fp32 products (no silent TF32) run on CUDA cores in the Triton kernel, far from tensor-core speed;
-        # SDPA's fp32 path is the better automatic choice. backend="triton" still runs the kernel (IEEE fp32).
-        chosen = "sdpa"
     if chosen == "triton" and not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and q.dtype != torch.float64):
-        if backend == "auto":
-            chosen = "sdpa"
-        else:
-            raise BackendUnavailable(
-                f"{op}: the triton kernel takes head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM} in float16/bfloat16/float32, "
-                f"got d={d} in {q.dtype}; use backend='sdpa' or 'reference'"
-            )
+        raise BackendUnavailable(
+            f"{op}: the triton kernel takes head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM} in float16/bfloat16/float32, "
+            f"got d={d} in {q.dtype}; use backend='sdpa' or 'reference'"
+        )
     if chosen == "reference":
         return reference.attention(q, k, v, bias=bias, scale=scale)
     if chosen == "sdpa":

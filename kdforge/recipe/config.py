@@ -109,6 +109,8 @@ class TrainConfig:
     """Fail when more than this fraction of images could not be read."""
     compile: bool = False
     """torch.compile the student."""
+    compile_teacher: bool = False
+    """torch.compile the frozen teacher's forward for inference (static shapes: dynamic=False, default mode)."""
     resize_teacher_grid: bool = False
     """Resample the teacher's patch tokens bilinearly onto the student's grid when their patch grids differ."""
     find_unused_parameters: bool = False

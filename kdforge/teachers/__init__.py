@@ -126,9 +126,10 @@ class Teacher(nn.Module):
         """The (gh, gw) patch grid for images of ``image_size`` = (H, W); ShapeError if H or W is not a multiple."""
         return patch_grid(self.model_name, "teacher", image_size, self.patch_size)
 
-    def forward(self, images: Tensor) -> TeacherOutput:
-        """Tensor[B, 3, H, W] float in [0, 1] -> :class:`TeacherOutput` (float32, ordinary tensors)."""
-        out = self.run_frozen(self.encode, images)
+    def forward(self, images: Tensor, *, encode: Callable[[Tensor], Any] | None = None) -> TeacherOutput:
+        """Tensor[B, 3, H, W] float in [0, 1] -> :class:`TeacherOutput` (float32, ordinary tensors). ``encode``
+        stands in for :meth:`encode` (the same function compiled: ``train.compile_teacher``)."""
+        out = self.run_frozen(encode if encode is not None else self.encode, images)
         return TeacherOutput(
             cls=to_plain_float(out.cls),
             patches=to_plain_float(out.patches),

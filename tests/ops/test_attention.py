@@ -13,6 +13,7 @@ from tolerances import close
 
 from kdforge.errors import BackendUnavailable, ShapeError
 from kdforge.ops import _dispatch, attention, reference
+from kdforge.ops.attn import auto_backend
 
 BIAS_SHAPES = {
     "none": None,
@@ -135,10 +136,19 @@ def test_reference_gradcheck_float64(gen):
     assert torch.autograd.gradcheck(lambda *a: reference.attention(*a[:3], bias=a[3]), (q, k, v, bias))
 
 
-def test_auto_backend(gen):
-    q, k, v = _qkv(gen, 1, 1, 5, 32)
-    expected = "triton" if DEVICE.type == "cuda" else "sdpa"
-    assert _dispatch.resolve("attention", "auto", DEVICE) == expected
+def test_auto_backend(gen, monkeypatch):
+    # "auto" is SDPA (flash / cuDNN) without a bias; the Triton kernel only with a bias, in fp16/bf16 on CUDA.
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(_dispatch._TRITON_IMPORT, "error", None)  # decided without a GPU: Triton importable
+    for dtype in (torch.float16, torch.bfloat16):
+        assert auto_backend(cuda, dtype, 64, has_bias=False) == "sdpa"
+        assert auto_backend(cuda, dtype, 64, has_bias=True) == "triton"
+        assert auto_backend(cuda, dtype, 8, has_bias=True) == "sdpa"  # head dim outside the kernel's 16..128
+    assert auto_backend(cuda, torch.float32, 64, has_bias=True) == "sdpa"  # no silent TF32: SDPA's fp32 path
+    assert auto_backend(torch.device("cpu"), torch.bfloat16, 64, has_bias=True) == "sdpa"  # never the interpreter
+    monkeypatch.setitem(_dispatch._TRITON_IMPORT, "error", "triton cannot be imported (test)")
+    assert auto_backend(cuda, torch.float16, 64, has_bias=True) == "sdpa"
+    monkeypatch.undo()
     # Head dims outside the kernel's range fall back under auto and are refused when triton is asked for.
     q2, k2, v2 = _qkv(gen, 1, 1, 5, 8)
     close(attention(q2, k2, v2), reference.attention(q2, k2, v2), torch.float32)
