@@ -8,8 +8,9 @@ Three configurations run in one process, on the same batch and the same architec
 - ``proteus_released_loop``: a plain PyTorch loop doing per step what the released Proteus code (DeiT's engine
   around DINOv2's models) does: images transformed on the CPU to normalised float, moved to the device; fp16
   autocast with ``torch.amp.GradScaler``; teacher forward under ``no_grad``; one student forward of the clean and the
-  masked view; token / feature / patch MSE losses through LayerNorm + Linear heads; AdamW step; ``loss.item()``
-  (its finiteness check) and ``torch.cuda.synchronize()`` every step. Timm models, no kdforge engine.
+  masked view; token / feature / patch MSE losses through LayerNorm + Linear heads; AdamW step; ``.item()`` of
+  the three terms and the total (its logger and finiteness check; pretrain/main.py train_one_epoch) and
+  ``torch.cuda.synchronize()`` every step. Timm models, no kdforge engine.
 
 Sizes: "full" is the recipe's (DINOv2 ViT-B/14 teacher, ViT-S/14 student, 224 px, batch 128, bf16; the recipe's
 torch_hub teacher cannot download here, so the ``timm`` teacher plugin builds the same architecture with
@@ -209,11 +210,15 @@ class ReleasedLoop:
             k = self.student.num_prefix_tokens
             masked, clean = s[:b, k:], s[b:]
             token = self.heads["token"](clean[:, 0])
-            loss = F.mse_loss(token, t_cls)
+            token_loss = F.mse_loss(token, t_cls)
             rows = torch.cat([token[:, None], self.heads["feature"](clean[:, k:])], dim=1)
-            loss = loss + F.mse_loss(rows, torch.cat([t_cls[:, None], t_patches], dim=1))
-            loss = loss + F.mse_loss(self.heads["patch"](masked[masks]), t_patches[masks])
-        loss_value = loss.item()  # the released loop stops on a non-finite loss, read here every step
+            feature_loss = F.mse_loss(rows, torch.cat([t_cls[:, None], t_patches], dim=1))
+            patch_loss = F.mse_loss(self.heads["patch"](masked[masks]), t_patches[masks])
+            loss = token_loss + feature_loss + patch_loss
+        # The released train_one_epoch reads the three terms and the total every step (for its logger and its
+        # finiteness check): four reads of the device.
+        _terms = (patch_loss.item(), token_loss.item(), feature_loss.item())
+        loss_value = loss.item()
         if loss_value != loss_value or abs(loss_value) == float("inf"):
             raise RuntimeError(f"the released loop's loss is {loss_value}")
         self.optimizer.zero_grad(set_to_none=True)

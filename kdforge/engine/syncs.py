@@ -22,12 +22,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["SYNC_METHODS", "SyncCounter"]
+__all__ = ["HOST_SIDE", "SYNC_METHODS", "SyncCounter"]
 
 #: Tensor methods that hand a device value to the host (or, for nonzero / masked_select, wait for a count).
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero",
                 "masked_select", "unique", "any_value")
 _PACKAGE = str(Path(__file__).resolve().parents[1])
+#: kdforge modules that read CPU tensors by design: maskers draw on the CPU's generator (the masking contract), and
+#: kdforge.masking.draw_on_host makes the masked patches' indices there, so that the device never counts them.
+HOST_SIDE = ("kdforge/masking/",)
 
 
 class SyncCounter:
@@ -36,9 +39,9 @@ class SyncCounter:
 
     ``device_only``: count only calls on tensors that are not on the CPU (what synchronises on a GPU); the default
     counts calls on every tensor, so that a CPU run shows where a GPU run would wait. ``exclude``: path fragments
-    of kdforge modules whose calls are host-side by design (the data pipeline reading CPU tensors)."""
+    of kdforge modules whose calls are host-side by design (default :data:`HOST_SIDE`)."""
 
-    def __init__(self, *, device_only: bool = False, exclude: tuple[str, ...] = ()):
+    def __init__(self, *, device_only: bool = False, exclude: tuple[str, ...] = HOST_SIDE):
         self.device_only = device_only
         self.exclude = tuple(exclude)
         self.calls: list[tuple[str, str]] = []

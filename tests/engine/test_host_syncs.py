@@ -14,8 +14,6 @@ from kdforge.errors import TrainingDiverged
 from kdforge.recipe import load_recipe
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
-# The masker draws on the CPU's generator by design (kdforge.masking.draw_on_host): its reads are host-side.
-HOST_SIDE = ("kdforge/masking/",)
 
 
 def _trainer(tmp_path, *overrides) -> Trainer:
@@ -28,7 +26,7 @@ def _count_per_step(trainer, monkeypatch) -> dict[int, SyncCounter]:
     original = trainer.train_step
 
     def counting(micro):
-        with SyncCounter(exclude=HOST_SIDE) as syncs:
+        with SyncCounter()  # the masker's host-side reads excluded (syncs.HOST_SIDE) as syncs:
             out = original(micro)
         counted[trainer.step] = syncs
         return out
