@@ -376,6 +376,9 @@ class Trainer:
                                   f"([data] {r.data.get('plugin')}) does not say how many classes it has: use a "
                                   "labelled source (image_folder, procedural, digits) or set both to 0")
             self.mix = BatchMix(r.augment, self.num_classes)
+        from kdforge.data.device_augment import DeviceAugment
+
+        self.device_augment = DeviceAugment(r.augment) if r.augment.device_augment else None
         self.classifier = self._classifier(losses)
 
         self.batches_per_epoch = per_rank // r.train.batch_size
@@ -498,6 +501,8 @@ class Trainer:
             self.model.eval()
             try:
                 images = first["image"].to(self.device)
+                if self.device_augment is not None:
+                    images = self.device_augment(images, seed=0)
                 b = images.shape[0]
                 mask = None
                 if self.masker is not None:
@@ -746,6 +751,9 @@ class Trainer:
 
     def forward_backward(self, batch: dict, *, micro_index: int = 0, scale: float = 1.0) -> tuple[float, dict]:
         images = batch["image"].to(self.device, non_blocking=True)
+        step_seed = (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63)
+        if self.device_augment is not None:
+            images = self.device_augment(images, seed=step_seed)
         stand_in = images.shape[0] == 0  # DDP only: this process's batch was all unreadable images
         if stand_in:
             size = self.recipe.augment.image_size
@@ -755,7 +763,6 @@ class Trainer:
                          index=torch.zeros(1, dtype=torch.long))
         else:
             self._check_labels(batch["label"])
-        step_seed = (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63)
         unmixed = None
         if self.mix is not None:  # before the teacher: teacher and student see the same (mixed) view
             unmixed = images.clone() if self.keep_unmixed else None  # BatchMix mixes in place
