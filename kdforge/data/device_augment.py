@@ -29,9 +29,9 @@ each operation with timm's PIL one):
 - rotate, shear and translate resample with ``grid_sample`` (bicubic: a = -0.75, PIL's a = -0.5; edge pixels
   clamped), fill where the source point falls outside the image as PIL does;
 - the working image is float in 0..255, rounded to integers after every operation as PIL's uint8 images are;
-  blends (brightness, colour, contrast, sharpness) truncate as Pillow's ``ImageEnhance`` does, in float32 rather
-  than Pillow's float; the smoothing filter of sharpness rounds to nearest; autocontrast, equalize, invert,
-  posterize, solarize and solarize-add are computed exactly as Pillow's lookup tables are;
+  autocontrast, equalize, invert, posterize, solarize and solarize-add are Pillow's lookup tables computed
+  exactly; the blends (brightness, colour, contrast, sharpness and its smoothing filter) follow Pillow's integer
+  and truncation rules in float32 (Pillow: float), equal on the tests' images, a level apart at worst;
 - colour jitter's hue works in float HSV and rounds; torchvision truncates.
 """
 
@@ -124,11 +124,15 @@ def _solarize_add(x, a):
 
 def _autocontrast(x, a):
     """Pillow's autocontrast (cutoff 0), per channel: lut[i] = int(i * scale + offset), identity when flat."""
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
+    n, c, h, w = x.shape
+    lo = x.amin(dim=(2, 3)).double().unsqueeze(-1)  # [n, 3, 1]
+    hi = x.amax(dim=(2, 3)).double().unsqueeze(-1)
     scale = 255.0 / (hi - lo).clamp(min=1)
-    out = torch.floor(x * scale - lo * scale).clamp_(0, 255)
-    return torch.where(hi > lo, out, x)
+    # the 256-entry table in float64, as Pillow computes it: float32 would put some levels one lower
+    levels = torch.arange(256, device=x.device, dtype=torch.float64)
+    lut = torch.floor(levels * scale + (-lo * scale)).clamp_(0, 255).to(x.dtype)
+    lut = torch.where(hi > lo, lut, levels.to(x.dtype))
+    return lut.view(n * c, 256).gather(1, x.reshape(n * c, h * w).long()).view(n, c, h, w)
 
 
 def _equalize(x, a):
