@@ -8,6 +8,11 @@ Contract (every data source, built-in or third-party):
 - ``build(split, transform) -> torch.utils.data.Dataset`` whose items are dicts
   ``{"image": Tensor[3, H, W] float in [0, 1], "label": int (-1 if unlabelled), "index": int}``, or a
   :class:`Skipped` record for an image that could not be read (the collate function drops it and counts it).
+  With ``augment.device_augment`` on, the train transform returns uint8 ``Tensor[3, S, S]`` (crop and flip only)
+  and the image is that uint8 tensor: pass the transform's output through as
+  :func:`kdforge.data.datasets.apply_transform` does (it keeps a ``returns_uint8`` transform's bytes); the trainer
+  finishes the augmentation on the device. A source that reads files may call the transform's
+  ``read_file(path, max_pixels)`` when it has one (the fastest decode it knows; :class:`Skipped` on failure).
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ class DataSource:
 def collate(items: list[dict | Skipped]) -> dict[str, Any]:
     """Stack good items; drop :class:`Skipped` ones and report them under ``"skipped"``.
 
-    Returns ``{"image": Tensor[B, 3, H, W], "label": LongTensor[B], "index": LongTensor[B],
+    Returns ``{"image": Tensor[B, 3, H, W] (float, or uint8 with augment.device_augment), "label": LongTensor[B],
+    "index": LongTensor[B],
     "skipped": list[Skipped]}`` (B may be smaller than the loader's batch size when items were skipped).
     """
     good = [it for it in items if not isinstance(it, Skipped)]

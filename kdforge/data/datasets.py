@@ -34,8 +34,12 @@ def mix_seed(*parts: int) -> int:
 
 
 def apply_transform(transform: Transform, image: Any) -> torch.Tensor:
-    """``transform(image)`` as float32 ``Tensor[3, H, W]`` in [0, 1] (no transform: the image converted as is)."""
+    """``transform(image)`` as float32 ``Tensor[3, H, W]`` in [0, 1] (no transform: the image converted as is), or
+    as the uint8 ``Tensor[3, S, S]`` of a transform that says it returns bytes (``returns_uint8``: the worker half
+    of ``augment.device_augment``, :class:`kdforge.data.transforms.CropFlipTransform`)."""
     out = transform(image) if transform is not None else image
+    if getattr(transform, "returns_uint8", False):
+        return out
     return as_float_image(out)
 
 
@@ -167,6 +171,12 @@ class FileImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict | Skipped:
         path, label = self.sample(index)
+        read_file = getattr(self.transform, "read_file", None)
+        if read_file is not None:  # the transform decodes the file itself, the fastest way it knows
+            image = read_file(path, self.max_image_pixels)
+            if isinstance(image, Skipped):
+                return image
+            return {"image": image, "label": label, "index": int(index)}
         image = read_image(path, self.max_image_pixels)
         if isinstance(image, Skipped):
             return image

@@ -27,8 +27,8 @@ import torch
 
 from kdforge.ranges import Fraction, ImageSide, PositiveInt, Range
 
-__all__ = ["BatchMix", "ImageTransform", "TransformConfig", "as_float_image", "build_transform", "to_image_tensor",
-           "to_rgb8"]
+__all__ = ["BatchMix", "CropFlipTransform", "ImageTransform", "TransformConfig", "as_float_image", "build_transform",
+           "to_image_tensor", "to_rgb8"]
 
 # PIL modes of one channel of 16-bit unsigned pixels (16-bit PNG and TIFF greyscale); "I" is 32-bit signed
 _UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -70,6 +70,8 @@ class TransformConfig:
     "train: probability that a batch is mixed at all (when mixup or cutmix is on)"
     mix_switch_prob: Annotated[float, Range(ge=0, le=1)] = 0.5
     "train: probability of CutMix rather than Mixup for a mixed batch, when both are on"
+    device_augment: bool = False
+    "train: workers only decode, crop and flip (uint8); RandAugment, jitter and erasing run batched on the device"
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -93,6 +95,10 @@ class TransformConfig:
             _auto_augment(self)  # a bad policy string fails here, when the recipe is resolved
         if min(self.re_std) <= 0:
             raise ValueError(f"re_std must be positive, got {tuple(self.re_std)}")
+        if self.device_augment and self.auto_augment:
+            from kdforge.data.device_augment import check_policy
+
+            check_policy(self)  # a policy the device path cannot run fails here, when the recipe is resolved
 
 
 def _auto_augment(cfg: TransformConfig) -> Callable:
@@ -335,6 +341,97 @@ class BatchMix:
         return images, targets
 
 
-def build_transform(cfg: TransformConfig | None, train: bool) -> ImageTransform:
-    """The train (random resized crop, flip, colour jitter) or eval (resize, centre crop) transform for ``cfg``."""
-    return ImageTransform(cfg if cfg is not None else TransformConfig(), train)
+class CropFlipTransform:
+    """The worker half of ``augment.device_augment``: ``transform(image) -> uint8 Tensor[3, S, S]``, decoded, random
+    resized crop and horizontal flip only; :class:`kdforge.data.device_augment.DeviceAugment` does the rest on
+    the device, batched.
+
+    The crop and the flip are drawn exactly as :class:`ImageTransform` draws them (torchvision's
+    ``RandomResizedCrop.make_params`` and ``torch.rand(1) < hflip``, from torch's global generator, which the engine
+    seeds per item), and resized by torchvision on uint8 pixels (antialiased, ``cfg.interpolation``): for one seed
+    the output is the image today's path hands to RandAugment. Any input :func:`to_image_tensor` takes works; float
+    images are cropped as floats and rounded to uint8 last.
+
+    Sources that read files call :meth:`read_file` instead of decoding themselves (``FileImageDataset`` does):
+    JPEGs are decoded by ``torchvision.io.decode_jpeg`` from the file's bytes, measured faster than PIL here
+    (``benchmarks/data_path.py``, "decode_choices": PIL's ``draft`` rarely applies, an ImageNet photo is seldom
+    twice the crop it gives, and PIL's ``resize(box=...)`` was slower than torchvision's uint8 resize).
+    """
+
+    #: :func:`kdforge.data.datasets.apply_transform` keeps the output uint8 rather than converting it to float.
+    returns_uint8 = True
+
+    def __init__(self, cfg: TransformConfig):
+        from torchvision.transforms import v2
+
+        self.cfg = cfg
+        self._interpolation = {
+            "bilinear": v2.InterpolationMode.BILINEAR,
+            "bicubic": v2.InterpolationMode.BICUBIC,
+        }[cfg.interpolation]
+        self._crop = v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                                          interpolation=self._interpolation, antialias=True)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as F
+
+        x = to_image_tensor(image)
+        box = self._crop.make_params([tv_tensors.Image(x)])
+        size = [self.cfg.image_size, self.cfg.image_size]
+        x = F.resized_crop(x, **box, size=size, interpolation=self._interpolation, antialias=True)
+        if self.cfg.hflip > 0 and torch.rand(1) < self.cfg.hflip:  # the draw torchvision's RandomHorizontalFlip makes
+            x = x.flip(-1)
+        if x.dtype != torch.uint8:
+            x = x.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+        return x.contiguous()
+
+    def read_file(self, path: str, max_pixels: int) -> Any:
+        """The transformed image of the file at ``path``, or :class:`kdforge.data.Skipped` (the reasons of
+        :func:`kdforge.data.datasets.read_image`, which reads every file that is not a plain RGB or grey JPEG, and
+        any JPEG torchvision fails to decode, so that a bad file is reported by PIL as before)."""
+        from kdforge.data.datasets import read_image
+
+        image = _decode_jpeg_file(path, max_pixels)
+        if image is None:
+            image = read_image(path, max_pixels)
+        from kdforge.data import Skipped
+
+        return image if isinstance(image, Skipped) else self(image)
+
+    def __repr__(self) -> str:
+        return f"CropFlipTransform({self._crop}, hflip={self.cfg.hflip})"
+
+
+def _decode_jpeg_file(path: str, max_pixels: int) -> torch.Tensor | None:
+    """uint8 Tensor[3, H, W] of a baseline or progressive RGB or grey JPEG file; None for anything else (other
+    formats, CMYK, images over ``max_pixels``, files torchvision cannot decode): the caller reads those with PIL,
+    which applies the same limit and reports the reason."""
+    import io
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:3] != b"\xff\xd8\xff":
+            return None
+        with Image.open(io.BytesIO(data)) as im:  # the header only: size and mode, nothing decoded
+            width, height = im.size
+            if im.format != "JPEG" or im.mode not in ("RGB", "L") or width * height > max_pixels:
+                return None
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception:  # noqa: BLE001 - PIL reads it again and says what is wrong with the file
+        return None
+
+
+def build_transform(cfg: TransformConfig | None, train: bool) -> ImageTransform | CropFlipTransform:
+    """The train (random resized crop, flip, colour jitter) or eval (resize, centre crop) transform for ``cfg``.
+
+    With ``cfg.device_augment`` the train transform is :class:`CropFlipTransform` (uint8 crop and flip only; the
+    trainer finishes the augmentation on the device); eval transforms never change."""
+    cfg = cfg if cfg is not None else TransformConfig()
+    if train and cfg.device_augment:
+        return CropFlipTransform(cfg)
+    return ImageTransform(cfg, train)

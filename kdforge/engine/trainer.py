@@ -398,6 +398,9 @@ class Trainer:
                                   f"([data] {r.data.get('plugin')}) does not say how many classes it has: use a "
                                   "labelled source (image_folder, procedural, digits) or set both to 0")
             self.mix = BatchMix(r.augment, self.num_classes)
+        from kdforge.data.device_augment import DeviceAugment
+
+        self.device_augment = DeviceAugment(r.augment) if r.augment.device_augment else None
         self.classifier = self._classifier(losses)
 
         self.batches_per_epoch = per_rank // r.train.batch_size
@@ -531,6 +534,8 @@ class Trainer:
             self.model.eval()
             try:
                 images = first["image"].to(self.device)
+                if self.device_augment is not None:
+                    images = self.device_augment(images, seed=0)
                 b = images.shape[0]
                 mask = None
                 if self.masker is not None:
@@ -805,6 +810,10 @@ class Trainer:
                 self._check_labels(batch["label"])
             batch = to_device(batch, self.device)
         images = batch["image"]
+        step_seed = (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63)
+        if self.device_augment is not None and images.shape[0]:  # augment.device_augment: uint8 crops arrive
+            images = self.device_augment(images, seed=step_seed)
+            batch = dict(batch, image=images)
         stand_in = images.shape[0] == 0  # DDP only: this process's batch was all unreadable images
         if stand_in:
             size = self.recipe.augment.image_size
@@ -812,7 +821,6 @@ class Trainer:
             # label 0, not -1: a supervised loss must be able to read it (the stand-in's weight is 0 anyway)
             batch = dict(batch, image=images, label=torch.zeros(1, dtype=torch.long, device=self.device),
                          index=torch.zeros(1, dtype=torch.long, device=self.device))
-        step_seed = (self.recipe.run.seed * 1_000_003 + self.step * 1009 + micro_index * 101 + self.dist.rank) % (2**63)
         unmixed = None
         if self.mix is not None:  # before the teacher: teacher and student see the same (mixed) view
             unmixed = images.clone() if self.keep_unmixed else None  # BatchMix mixes in place

@@ -76,13 +76,31 @@ def test_kill_mid_checkpoint_then_resume_gives_identical_weights(uninterrupted, 
     assert_same_weights(weights(tmp_path), weights(uninterrupted))
 
 
-def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(uninterrupted, tmp_path):
-    res = run_cli("--output-dir", tmp_path, env_extra={"KDFORGE_TEST_SIGTERM_AT_STEP": "7"})
+# The lean data path: workers crop and flip in uint8, RandAugment and erasing run on the device with per-step seeds.
+DEVICE_AUGMENT = ["--set", "augment.device_augment=true", "--set", "augment.auto_augment='rand-m9-mstd0.5-inc1'",
+                  "--set", "augment.re_prob=0.25"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_device_augment(tmp_path_factory):
+    out = tmp_path_factory.mktemp("device_augment")
+    run_cli("--output-dir", out, *DEVICE_AUGMENT)
+    return out
+
+
+@pytest.mark.parametrize("device_augment", [False, True], ids=["worker_augment", "device_augment"])
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(device_augment, request, tmp_path):
+    extra = DEVICE_AUGMENT if device_augment else []
+    full = request.getfixturevalue("uninterrupted_device_augment" if device_augment else "uninterrupted")
+    res = run_cli("--output-dir", tmp_path, *extra, env_extra={"KDFORGE_TEST_SIGTERM_AT_STEP": "7"})
     assert "SIGTERM at step 7" in res.stderr and "--resume" in res.stderr
     assert ckpt.load_run(tmp_path / "last.pt")["step"] == 7
     assert not (tmp_path / "summary.json").exists()
-    run_cli("--output-dir", tmp_path, "--resume")
-    assert_same_weights(weights(tmp_path), weights(uninterrupted))
+    run_cli("--output-dir", tmp_path, *extra, "--resume")
+    assert_same_weights(weights(tmp_path), weights(full))
+    if device_augment:  # the device path really ran: RandAugment and erasing changed what the student saw
+        other = request.getfixturevalue("uninterrupted")
+        assert any(not torch.equal(a, b) for a, b in zip(weights(full).values(), weights(other).values()))
 
 
 def test_existing_run_without_resume_is_refused(uninterrupted):
