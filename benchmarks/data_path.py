@@ -70,10 +70,13 @@ def write_jpegs(root: Path, count: int, width: int = 500, height: int = 375) -> 
 
 def loader_rate(dataset, workers: int, batch_size: int) -> float:
     """Images per second per worker of one pass over ``dataset`` after its first batch (worker start-up and the
-    first batch are left out)."""
+    first batch are left out), read as the engine reads it: items seeded one by one (``SeededItems``) in the
+    order of an ``EpochSampler``."""
     from kdforge.data import collate
+    from kdforge.engine.trainer import EpochSampler, SeededItems
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+    loader = torch.utils.data.DataLoader(SeededItems(dataset, 0), batch_size=batch_size,
+                                         sampler=EpochSampler(len(dataset), seed=0), num_workers=workers,
                                          collate_fn=collate, prefetch_factor=2 if workers else None)
     it = iter(loader)
     next(it)

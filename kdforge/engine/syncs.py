@@ -29,8 +29,9 @@ SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__in
                 "masked_select", "unique", "any_value")
 _PACKAGE = str(Path(__file__).resolve().parents[1])
 #: kdforge modules that read CPU tensors by design: maskers draw on the CPU's generator (the masking contract), and
-#: kdforge.masking.draw_on_host makes the masked patches' indices there, so that the device never counts them.
-HOST_SIDE = ("kdforge/masking/",)
+#: kdforge.masking.draw_on_host makes the masked patches' indices there, so that the device never counts them;
+#: kdforge.data.augment_draws draws the device augmentation's parameters on the CPU and sends them in one copy.
+HOST_SIDE = ("kdforge/masking/", "kdforge/data/augment_draws.py")
 
 
 class SyncCounter:

@@ -295,10 +295,19 @@ class SeededItems(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index, copy = key if len(key) == 3 else (*key, 0)
         seed = (self.seed * 1_000_003 + epoch * 10_007 + index + copy * 1_000_000_007) % (2**63)
+        # Only the CPU generator: torch.manual_seed also seeds every accelerator's (0.3 ms an item, a tenth of the
+        # lean data path's time), and transforms draw on the CPU. The CPU stream is the same either way.
+        if torch.utils.data.get_worker_info() is not None:
+            # A worker's generators serve its items only and each item seeds them: nothing to put back (saving
+            # numpy's state alone costs 0.2 ms).
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % (2**32))
+            return self.dataset[index]
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 random.seed(seed)
                 np.random.seed(seed % (2**32))
                 return self.dataset[index]

@@ -248,3 +248,24 @@ def test_image_folder_files_through_the_lean_path_collate_as_uint8(tmp_path):
     assert (fast - pil).abs().mean().item() < 2.0
     tiny = FileImageDataset(paths[:1], build_transform(cfg, train=True), max_image_pixels=100)
     assert "more than the limit" in tiny[0].reason  # the pixel limit holds on the fast path too
+
+
+def test_the_jpeg_frame_header_reader_agrees_with_pil(tmp_path):
+    """The lean path reads size and channels from the JPEG's frame header itself (no PIL open per file)."""
+    import io
+
+    from kdforge.data.transforms import _jpeg_frame
+
+    rgb = photo(1, 37, 52)
+    cases = {"baseline": (Image.fromarray(rgb), {}), "progressive": (Image.fromarray(rgb), {"progressive": True}),
+             "grey": (Image.fromarray(rgb[..., 0]), {}), "cmyk": (Image.fromarray(rgb).convert("CMYK"), {}),
+             "exif": (Image.fromarray(rgb), {"exif": Image.Exif().tobytes() + b"x" * 300})}
+    for name, (image, kwargs) in cases.items():
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", **kwargs)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            expected = (*im.size, len(im.getbands()))
+        assert _jpeg_frame(buf.getvalue()) == expected, name
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, "PNG")
+    assert _jpeg_frame(png.getvalue()) is None and _jpeg_frame(b"\xff\xd8\xff" + b"junk" * 20) is None
