@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_helpers import kdforge as kdforge_cli
 
 import kdforge
 from kdforge import hookspecs
@@ -127,7 +128,8 @@ def test_unknown_component_suggests_closest():
 
 
 def test_cli_lists_builtins():
-    out = subprocess.run([sys.executable, "-m", "kdforge.cli", "plugins"], capture_output=True, text=True, check=True)
+    out = kdforge_cli("plugins")
+    assert out.returncode == 0, out.stderr[-2000:]
     for name in ("proteus.token", "proteus.feature", "proteus.patch"):
         assert name in out.stdout
     line = next(l for l in out.stdout.splitlines() if "proteus.patch" in l)
@@ -160,7 +162,8 @@ def test_installed_example_package_is_used_from_a_recipe(tmp_path):
 
 
 def test_cli_info_reports_every_op_backend():
-    out = subprocess.run([sys.executable, "-m", "kdforge.cli", "info"], capture_output=True, text=True, check=True)
+    out = kdforge_cli("info")
+    assert out.returncode == 0, out.stderr[-2000:]
     assert "compiled extension kdforge._C:" in out.stdout
     for op in ("whitened_loss", "masked_gather", "masked_scatter", "attention", "knn"):
         assert any(line.split()[:1] == [op] for line in out.stdout.splitlines()), op

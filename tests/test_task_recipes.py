@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import kdforge
 
 from kdforge.engine import checkpoint as ckpt
 from kdforge.plugins import create
@@ -166,11 +167,9 @@ def test_bad_input_is_one_message_exit_2_and_nothing_written(tmp_path, args, mes
 def test_full_recipes_resolve_and_a_missing_task_folder_is_one_message(recipe, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TASK_DIR", "TRANSFER_DIR", "SYNTH_DIR")}
     env["TASK_DIR"] = str(tmp_path / "no-task")
-    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "train", str(recipe), "--dry-run"],
-                         capture_output=True, text=True, env=env)
+    res = kdforge("train", recipe, "--dry-run", env=env)
     assert res.returncode == 0 and "[[stages]]" in res.stdout, res.stderr
-    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "train", str(recipe), "--output-dir",
-                          str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    res = kdforge("train", recipe, "--output-dir", tmp_path / "run", env=env)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path / "no-task") in lines[0] and "stage 'adapt'" in lines[0], res.stderr
@@ -179,8 +178,7 @@ def test_full_recipes_resolve_and_a_missing_task_folder_is_one_message(recipe, t
 
 def test_kdforge_eval_scores_a_task_students_own_classifier_as_the_run_did(task_transfer_smoke_run, tmp_path):
     run = task_transfer_smoke_run / "finetune"
-    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "eval", str(run), "--no-teacher", "--out",
-                          str(tmp_path / "eval.json")], capture_output=True, text=True)
+    res = kdforge("eval", run, "--no-teacher", "--out", tmp_path / "eval.json")
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     summary = json.loads((run / "summary.json").read_text())

@@ -1,7 +1,6 @@
 """augment.device_augment: the uint8 crop-and-flip worker transform and DeviceAugment, against timm's PIL
 operations and torchvision's crop, on small CPU images."""
 
-import math
 
 import numpy as np
 import pytest

@@ -1,12 +1,10 @@
 """Unreadable images are skipped, counted and listed; past `train.max_bad_fraction` the run fails with the list."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from cli_helpers import kdforge
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,9 +31,8 @@ def make_folder(root: Path, good: int, bad: int) -> list[str]:
 
 
 def train(root: Path, out: Path, *extra):
-    cmd = [sys.executable, "-m", "kdforge.cli", "train", str(TINY), "--no-progress", "--output-dir", str(out),
-           "--set", "data={plugin = 'image_folder', root = '%s'}" % root, "--set", "train.epochs=1", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    return kdforge("train", TINY, "--no-progress", "--output-dir", out,
+                   "--set", "data={plugin = 'image_folder', root = '%s'}" % root, "--set", "train.epochs=1", *extra)
 
 
 def test_corrupt_images_are_skipped_counted_and_listed(tmp_path):

@@ -26,7 +26,7 @@ def _count_per_step(trainer, monkeypatch) -> dict[int, SyncCounter]:
     original = trainer.train_step
 
     def counting(micro):
-        with SyncCounter()  # the masker's host-side reads excluded (syncs.HOST_SIDE) as syncs:
+        with SyncCounter() as syncs:  # the masker's host-side reads are left out (syncs.HOST_SIDE)
             out = original(micro)
         counted[trainer.step] = syncs
         return out
@@ -128,3 +128,21 @@ def test_no_step_synchronises_on_a_gpu(tmp_path):
     trainer.train_step = strict
     trainer.fit()
     assert not syncs
+
+
+def test_one_training_loader_serves_every_epoch(tmp_path, monkeypatch):
+    """Workers are started once per run (persistent_workers), not once per epoch."""
+    import kdforge.engine.signals as signals
+
+    built = []
+    original = signals.DataLoader
+
+    class Counting(original):
+        def __init__(self, dataset, *args, **kwargs):
+            built.append(kwargs.get("persistent_workers"))
+            super().__init__(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(signals, "DataLoader", Counting)
+    trainer = _trainer(tmp_path / "r", "train.num_workers=1", "train.checkpoint_every=0")
+    summary = trainer.fit()
+    assert summary["epochs"] == 3 and built == [True]

@@ -76,9 +76,10 @@ def test_kill_mid_checkpoint_then_resume_gives_identical_weights(uninterrupted, 
     assert_same_weights(weights(tmp_path), weights(uninterrupted))
 
 
-# The lean data path: workers crop and flip in uint8, RandAugment and erasing run on the device with per-step seeds.
+# The lean data path: two workers (one loader, kept across the 3 epochs) crop and flip in uint8, RandAugment and
+# erasing run on the device with per-step seeds.
 DEVICE_AUGMENT = ["--set", "augment.device_augment=true", "--set", "augment.auto_augment='rand-m9-mstd0.5-inc1'",
-                  "--set", "augment.re_prob=0.25"]
+                  "--set", "augment.re_prob=0.25", "--set", "train.num_workers=2"]
 
 
 @pytest.fixture(scope="module")
