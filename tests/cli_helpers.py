@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "recipes" / "tiny.toml"
 
 _ZYGOTE_CODE = r"""
-import json, os, sys, traceback
+import json, os, runpy, sys, traceback
 import torch, timm, kdforge.cli  # imported once; the children share them
 requests, replies = sys.stdin.buffer, sys.stdout.buffer
 for line in requests:
@@ -36,6 +36,8 @@ for line in requests:
     if pid == 0:
         code = 1
         try:
+            if req["new_session"]:
+                os.setsid()
             os.environ.clear()
             os.environ.update(req["env"])
             os.chdir(req["cwd"])
@@ -47,6 +49,8 @@ for line in requests:
             sys.stdout = open(1, "w", closefd=False)
             sys.stderr = open(2, "w", closefd=False)
             sys.argv = ["kdforge", *req["argv"]]
+            for path in req["startup"]:  # what a sitecustomize on PYTHONPATH does in a fresh interpreter
+                runpy.run_path(path, run_name="sitecustomize")
             code = kdforge.cli.main(req["argv"])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -90,10 +94,11 @@ class _Zygote:
             raise RuntimeError("the kdforge test zygote died")
         return json.loads(line)
 
-    def run(self, argv: list[str], env: dict, cwd: str, timeout: float | None):
+    def run(self, argv: list[str], env: dict, cwd: str, timeout: float | None, startup: list[str],
+            new_session: bool):
         with tempfile.TemporaryDirectory(prefix="kdforge-cli-") as tmp:
             paths = {name: os.path.join(tmp, name) for name in ("stdout", "stderr")}
-            request = {"argv": argv, "env": env, "cwd": cwd, **paths}
+            request = {"argv": argv, "env": env, "cwd": cwd, "startup": startup, "new_session": new_session, **paths}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -117,27 +122,39 @@ class _Zygote:
 _zygote: _Zygote | None = None
 
 
-def _forked(args: list[str], env: dict, cwd: str, timeout: float | None) -> subprocess.CompletedProcess:
+def _forked(args: list[str], env: dict, cwd: str, timeout: float | None, startup: list[str],
+            new_session: bool) -> subprocess.CompletedProcess:
     global _zygote
     if _zygote is None or not _zygote.alive():
         _zygote = _Zygote()
         atexit.register(_zygote.close)
-    returncode, out, err = _zygote.run(args, env, cwd, timeout)
+    returncode, out, err = _zygote.run(args, env, cwd, timeout, startup, new_session)
     return subprocess.CompletedProcess([sys.executable, "-m", "kdforge.cli", *args], returncode, out, err)
 
 
-def kdforge(*args, env=None, timeout=900, cwd=None) -> subprocess.CompletedProcess:
+def kdforge(*args, env=None, timeout=900, cwd=None, hooks=None, new_session=False) -> subprocess.CompletedProcess:
     """``python -m kdforge.cli ARGS...`` in a process of its own (this interpreter's; the caller's working
     directory unless ``cwd``, with this checkout importable from there): forked from the session's zygote (see
-    the module docstring), or a fresh interpreter where ``env`` changes PYTHONPATH."""
+    the module docstring), or a fresh interpreter where ``env`` changes PYTHONPATH. ``hooks``: a folder whose
+    sitecustomize.py the process runs first, as it would from PYTHONPATH (tests/engine/crash); ``new_session``: the
+    process leads a process group of its own (a SIGTERM to the group reaches it and its workers only)."""
     args = [str(a) for a in args]
     run_env = dict(env if env is not None else os.environ)
+    if hooks is not None and os.environ.get("KDFORGE_TEST_FRESH_PROCESS") == "1":
+        run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), str(REPO), run_env.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, "-m", "kdforge.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=timeout, cwd=cwd,
+                              start_new_session=new_session)
     if cwd is not None:
         run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), run_env.get("PYTHONPATH", "")]))
     same_start = run_env.get("PYTHONPATH", "") in (os.environ.get("PYTHONPATH", ""), str(REPO)) or \
         (cwd is not None and run_env.get("PYTHONPATH") == os.pathsep.join(
             filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
     if same_start and hasattr(os, "fork") and os.environ.get("KDFORGE_TEST_FRESH_PROCESS") != "1":
-        return _forked(args, run_env, str(cwd if cwd is not None else os.getcwd()), timeout)
+        startup = [str(Path(hooks) / "sitecustomize.py")] if hooks is not None else []
+        return _forked(args, run_env, str(cwd if cwd is not None else os.getcwd()), timeout, startup, new_session)
+    if hooks is not None:
+        run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), str(REPO), run_env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "kdforge.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=timeout, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=timeout, cwd=cwd,
+                          start_new_session=new_session)

@@ -57,16 +57,14 @@ def require_ext():
 
 def _smoke_run(factory, recipe: str):
     """One smoke-profile training run of a shipped recipe, shared by every test of the session that reads it."""
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from cli_helpers import kdforge
 
     repo = Path(__file__).resolve().parents[1]
     out = factory.mktemp(f"smoke-{recipe.removesuffix('.toml')}") / "run"
-    res = subprocess.run(
-        [sys.executable, "-m", "kdforge.cli", "train", str(repo / "plugins" / recipe), "--profile", "smoke",
-         "--output-dir", str(out), "--no-progress"], capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
+    res = kdforge("train", repo / "plugins" / recipe, "--profile", "smoke", "--output-dir", out, "--no-progress",
+                  timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     (out.parent / "stderr.txt").write_text(res.stderr)  # beside the run: what the command printed
     return out
@@ -84,17 +82,17 @@ def retrieval_smoke_run(tmp_path_factory):
     """Run directory of ``kdforge retrieve plugins/retrieval.toml --profile smoke`` followed by ``kdforge train
     ... --resume`` in the same directory (the retrieval stage found finished, the other three trained on its
     manifest), once per session; the two commands' stderr is in ../retrieve_stderr.txt and ../stderr.txt."""
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from cli_helpers import kdforge
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("smoke-retrieval") / "run"
     recipe = str(repo / "plugins" / "retrieval.toml")
     for command, log in (("retrieve", "retrieve_stderr.txt"), ("train", "stderr.txt")):
         extra = ["--resume"] if command == "train" else []
-        res = subprocess.run([sys.executable, "-m", "kdforge.cli", command, recipe, "--profile", "smoke", "--output-dir",
-                              str(out), "--no-progress", *extra], capture_output=True, text=True, timeout=1500)
+        res = kdforge(command, recipe, "--profile", "smoke", "--output-dir", out, "--no-progress", *extra,
+                      timeout=1500)
         assert res.returncode == 0, res.stderr[-3000:]
         (out.parent / log).write_text(res.stderr)
     return out

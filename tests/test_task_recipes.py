@@ -6,8 +6,6 @@ distillation stage; the bad inputs of the issue."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,10 +25,8 @@ CRASH = REPO / "tests" / "engine" / "crash"
 
 def train(recipe, *args, env_extra=None, check=True):
     env = {**os.environ, **(env_extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join([str(CRASH), str(REPO), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "train", str(recipe), "--profile", "smoke",
-                          "--no-progress", *map(str, args)], capture_output=True, text=True, env=env,
-                         start_new_session=True, timeout=1500)
+    res = kdforge("train", recipe, "--profile", "smoke", "--no-progress", *args, env=env, hooks=CRASH,
+                  new_session=True, timeout=1500)
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
     return res

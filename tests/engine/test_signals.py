@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from kdforge.engine import checkpoint as ckpt
 
-from cli_helpers import REPO, TINY
+from cli_helpers import TINY, kdforge
 
 CRASH = Path(__file__).resolve().parent / "crash"
 EVAL = ["--set", "eval.data={plugin = 'procedural', num_train = 64, num_val = 32, image_size = 16}",
@@ -27,11 +25,9 @@ def run_in_own_group(*args, cwd=None, timeout=600, **hooks) -> tuple[subprocess.
     only), with the crash hooks of tests/engine/crash set from ``hooks``; returns the result and how many seconds
     passed between the SIGTERM and the end of the process (from the hook's record)."""
     env = {**os.environ, **{f"KDFORGE_TEST_{k.upper()}": str(v) for k, v in hooks.items()}}
-    env["PYTHONPATH"] = os.pathsep.join([str(CRASH), str(REPO), env.get("PYTHONPATH", "")])
     stamp = Path(cwd or ".").resolve() / ".sigterm_sent"
     env["KDFORGE_TEST_SIGTERM_STAMP"] = str(stamp)
-    res = subprocess.run([sys.executable, "-m", "kdforge.cli", *map(str, args)], capture_output=True, text=True,
-                         env=env, timeout=timeout, start_new_session=True, cwd=cwd)
+    res = kdforge(*args, env=env, timeout=timeout, cwd=cwd, hooks=CRASH, new_session=True)
     ended = time.time()
     took = ended - float(stamp.read_text()) if stamp.exists() else float("nan")
     stamp.unlink(missing_ok=True)

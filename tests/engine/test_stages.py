@@ -5,11 +5,10 @@ errors of a stage whose input is missing."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import kdforge
 import torch
 
 from kdforge.engine import checkpoint as ckpt
@@ -24,9 +23,7 @@ CRASH = Path(__file__).resolve().parent / "crash"
 
 def train(*args, env_extra=None, check=True, recipe=STAGES):
     env = {**os.environ, **(env_extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join([str(CRASH), str(REPO), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "train", str(recipe), "--no-progress", *map(str, args)],
-                         capture_output=True, text=True, env=env, start_new_session=True, timeout=900)
+    res = kdforge("train", recipe, "--no-progress", *args, env=env, hooks=CRASH, new_session=True, timeout=900)
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
     return res

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import kdforge
 import torch
 
 from kdforge.engine import checkpoint as ckpt
@@ -24,9 +25,7 @@ def run_cli(*args, env_extra=None, check=True):
     """``kdforge train TINY ARGS`` with the crash hooks of tests/engine/crash (``env_extra``), in a process group of
     its own (a SIGTERM to the group reaches it and its DataLoader workers only)."""
     env = {**os.environ, **(env_extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join([str(CRASH), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-m", "kdforge.cli", "train", str(TINY), "--no-progress", *map(str, args)],
-                         capture_output=True, text=True, env=env, start_new_session=True)
+    res = kdforge("train", TINY, "--no-progress", *args, env=env, hooks=CRASH, new_session=True)
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
     return res
