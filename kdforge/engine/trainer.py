@@ -300,20 +300,23 @@ class SeededItems(torch.utils.data.Dataset):
         if torch.utils.data.get_worker_info() is not None:
             # A worker's generators serve its items only and each item seeds them: nothing to put back (saving
             # numpy's state alone costs 0.2 ms).
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % (2**32))
+            _seed_generators(seed)
             return self.dataset[index]
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % (2**32))
+                _seed_generators(seed)
                 return self.dataset[index]
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def _seed_generators(seed: int) -> None:
+    """Seed torch's CPU generator, Python's and numpy's global ones (what item transforms draw from)."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
