@@ -436,15 +436,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=r.train.precision == "fp16")
         self.ddp_model: nn.Module = self.model
         if self.dist.enabled:
-            # Every parameter takes part in every step (the mask token too: the masked view always gets a mask, all
-            # False when no image is masked; a loss with nothing to do returns a zero that keeps its head in the
-            # graph), so the graph is static; train.find_unused_parameters is for plugins that skip parameters.
-            # Gradients are the all-reduce buckets themselves (no copy); nothing in the models is a buffer that
-            # training changes, so buffers are not broadcast at every forward.
-            unused = r.train.find_unused_parameters
+            # The graph is the same at every step (the masked view always gets a mask, all False when no image is
+            # masked; a loss with nothing to do returns a zero that keeps its head in the graph), so DDP is told
+            # it is static: no search for unused parameters at each backward, and parameters that never take part
+            # (a mask token without a masker) are found once. Its reducer does not take no_sync()'s backward
+            # passes, so with gradient accumulation the graph stays dynamic and unused parameters are searched
+            # for, as they are with train.find_unused_parameters (plugins whose graph changes from step to step).
+            # Gradients are the all-reduce buckets themselves (no copy); no buffer changes in training, so buffers
+            # are not broadcast at every forward.
+            static = not r.train.find_unused_parameters and r.train.accum_steps == 1
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=unused, static_graph=not unused, gradient_as_bucket_view=True,
+                find_unused_parameters=not static, static_graph=static, gradient_as_bucket_view=True,
                 broadcast_buffers=False,
             )
         self.forward_model = torch.compile(self.ddp_model) if r.train.compile else self.ddp_model
@@ -954,6 +957,7 @@ class Trainer:
         self._check_diverged()
         self._check_finite()
         if not self.dist.is_main:
+            self.checkpoint_step = self.step  # every process knows it: fit() does not save the last step twice
             barrier(self.dist)
             return
         state = self.state_dict()

@@ -114,8 +114,8 @@ class TrainConfig:
     resize_teacher_grid: bool = False
     """Resample the teacher's patch tokens bilinearly onto the student's grid when their patch grids differ."""
     find_unused_parameters: bool = False
-    """DDP: a step may leave some parameters unused (a plugin's optional branch); off, the graph is static, as in
-    every built-in recipe."""
+    """DDP: the graph may change from step to step (a plugin's optional branch); off, DDP treats it as static, as
+    every built-in recipe's is (with accum_steps > 1 DDP searches for unused parameters either way)."""
 
 
 @dataclasses.dataclass

@@ -232,23 +232,27 @@ def test_lr_scales_with_global_batch():
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process(tmp_path):
-    """torchrun with 2 CPU processes (gloo) and 4 images each == 1 process with 8: the same weights."""
+@pytest.mark.parametrize("accum", [1, 2], ids=["static_graph", "accumulation"])
+def test_two_process_ddp_matches_single_process(tmp_path, accum):
+    """torchrun with 2 CPU processes (gloo) and 4 images each == 1 process with 8: the same weights. DDP's graph is
+    static without accumulation and dynamic with it (no_sync); the last step is a checkpoint step, which every
+    process must know (the end of training saves only when it is not)."""
     common = ["--set", "masker={}", "--set", "losses={token = {plugin = 'proteus.token'}, "
               "feature = {plugin = 'proteus.feature'}}", "--set", "student.drop_path_rate=0.0",
-              "--set", "train.epochs=1", "--no-progress"]
+              "--set", "train.epochs=1", "--set", f"train.accum_steps={accum}", "--set", "train.checkpoint_every=3",
+              "--no-progress"]
     single = tmp_path / "single"
     run_cli("--output-dir", single, *common)
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29516 + accum),
          "-m", "kdforge.cli", "train", str(TINY), "--output-dir", str(ddp), *common, "--set", "train.batch_size=4"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((ddp / "summary.json").read_text())
-    assert summary["global_batch"] == 8 and summary["steps"] == 6
+    assert summary["global_batch"] == 8 * accum and summary["steps"] == 6 // accum
     assert_same_weights(weights(ddp), weights(single), exact=False)
 
 
