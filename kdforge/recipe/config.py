@@ -90,9 +90,10 @@ class TrainConfig:
     """Images per process per micro-step (global batch = batch_size x accum_steps x world size)."""
     accum_steps: PositiveInt = 1
     """Gradient accumulation: micro-steps per optimizer step."""
-    repeated_aug: PositiveInt = 1
+    repeated_aug: Annotated[int, Range(ge=1, le=64)] = 1
     """Repeated augmentation (DeiT): each image of an epoch's order appears this many times in a row, across
-    consecutive ranks, under different augmentations; an epoch keeps its length (the released Proteus code: 3)."""
+    consecutive ranks, under different augmentations; an epoch keeps its length (the released Proteus code: 3;
+    at most 64: an epoch of more copies would hold a sixty-fourth of the images)."""
     max_steps: NonNegativeInt = 0
     """Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
